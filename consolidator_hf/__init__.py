@@ -1,0 +1,34 @@
+"""consolidator_hf: Consolidator (Hao et al., ICLR 2023) for Hugging Face vision models.
+
+Grouped multi-branch connections beside frozen linear layers, trained with a tiny
+parameter budget, then merged exactly back into the linear weights.
+"""
+
+from torch import nn
+
+from .config import CONFIG_NAME, WEIGHTS_NAME, ConsolidatorConfig
+from .layer import ConsolidatorBranch, ConsolidatorLinear
+from .model import ConsolidatorModel
+
+__version__ = "0.1.0"
+
+
+def get_consolidator_model(model: nn.Module, config: ConsolidatorConfig) -> ConsolidatorModel:
+    """Wrap ``model`` (any ``PreTrainedModel``/``nn.Module``) with Consolidator branches.
+
+    Injects a :class:`ConsolidatorLinear` at every target ``nn.Linear`` and freezes everything
+    but the branches, the adapted layers' biases, the LayerNorms and ``modules_to_save``
+    (as ``config`` says).
+    """
+    return ConsolidatorModel(model, config)
+
+
+__all__ = [
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+    "ConsolidatorBranch",
+    "ConsolidatorConfig",
+    "ConsolidatorLinear",
+    "ConsolidatorModel",
+    "get_consolidator_model",
+]

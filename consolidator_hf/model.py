@@ -1,0 +1,363 @@
+"""``ConsolidatorModel``: injects :class:`ConsolidatorLinear` into any ``nn.Module`` by name,
+applies the freezing policy, saves/loads the adapter, merges back into plain ``nn.Linear``.
+
+Nothing here knows about ViT: architecture defaults come from :mod:`consolidator_hf.targets`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ._io import atomic_save_safetensors, load_safetensors, resolve_file
+from .config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, ConsolidatorConfig
+from .layer import ConsolidatorLinear
+from .targets import default_target_modules, name_matches, rename_4_to_5
+
+_ADAPTER_FORMAT = "consolidator_hf"
+
+
+def _matches(name: str, spec: Union[List[str], str]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name_matches(name, t) for t in spec)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # LayerNorm subclasses and look-alikes (e.g. Dinov2's) all carry "LayerNorm" in the name.
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+class ConsolidatorModel(nn.Module):
+    """A base model whose target ``nn.Linear`` layers carry Consolidator branches.
+
+    Forward passes every argument through to the base model (``labels`` give a loss), so
+    the model trains with the Hugging Face ``Trainer`` like any other. Attributes the
+    wrapper lacks (``config``, ``device``, ...) are looked up on the base model.
+    """
+
+    def __init__(self, model: nn.Module, config: ConsolidatorConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.base_model = model
+        self.consolidator_config = config
+        self.targeted_module_names: List[str] = []
+        self._inject()
+        self._apply_freezing()
+        # Originals of every tensor training will change in place (biases, norms, heads),
+        # so that unload() can hand back the untouched base model.
+        self._originals: Dict[str, torch.Tensor] = {
+            n: p.detach().clone() for n, p in self._trainable_base_parameters()
+        }
+
+    # ------------------------------------------------------------------ plumbing
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    def consolidator_layers(self) -> Iterator[Tuple[str, ConsolidatorLinear]]:
+        """``(name, layer)`` for every injected layer; names as in the base model."""
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, ConsolidatorLinear):
+                yield name, module
+
+    # ------------------------------------------------------------------ injection
+    def _resolve_targets(self) -> Union[List[str], str]:
+        cfg = self.consolidator_config
+        return cfg.target_modules if cfg.target_modules is not None else \
+            default_target_modules(self.base_model)
+
+    def _layer_kwargs(self, name: str, module: nn.Linear) -> Dict[str, Any]:
+        """Per-layer extras for :class:`ConsolidatorLinear` (row slices of a virtual layer)."""
+        return {}
+
+    def _inject(self) -> None:
+        cfg = self.consolidator_config
+        targets = self._resolve_targets()
+        exclude = cfg.exclude_modules
+        modules = dict(self.base_model.named_modules())
+        chosen: List[str] = []
+        for name, module in modules.items():
+            if not name or not _matches(name, targets):
+                continue
+            if exclude is not None and _matches(name, exclude):
+                continue
+            if isinstance(module, nn.Linear):
+                chosen.append(name)
+            elif isinstance(module, ConsolidatorLinear):
+                raise ValueError(f"{name} already carries Consolidator branches")
+            elif not isinstance(targets, str):
+                raise ValueError(
+                    f"target module {name!r} is a {type(module).__name__}, not nn.Linear; "
+                    "Consolidator adapts linear layers only"
+                )
+        if not isinstance(targets, str):
+            for t in targets:
+                if not any(name_matches(n, t) for n in chosen):
+                    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+                    raise ValueError(
+                        f"target module {t!r} matches no nn.Linear in "
+                        f"{type(self.base_model).__name__} (after exclude_modules); linear "
+                        f"layers are e.g. {linear[:6]}"
+                    )
+        if not chosen:
+            raise ValueError(f"target_modules={targets!r} matches no nn.Linear in "
+                             f"{type(self.base_model).__name__}")
+        for name in chosen:
+            base = modules[name]
+            layer = ConsolidatorLinear(
+                base, cfg.groups, channel_shuffle=cfg.channel_shuffle, drop_rate=cfg.drop_rate,
+                branch_bias=cfg.branch_bias, init_range=cfg.init_range, name=name,
+                **self._layer_kwargs(name, base),
+            )
+            _set_submodule(self.base_model, name, layer)
+        self.targeted_module_names = chosen
+
+    def _saved_module_names(self) -> List[str]:
+        names = self.consolidator_config.modules_to_save or []
+        found = [n for n, _ in self.base_model.named_modules()
+                 if n and any(name_matches(n, t) for t in names)]
+        return [n for n in found if not any(n == a or n.startswith(a + ".")
+                                             for a in self.targeted_module_names)]
+
+    def _apply_freezing(self) -> None:
+        cfg = self.consolidator_config
+        for p in self.base_model.parameters():
+            p.requires_grad_(False)
+        for _, layer in self.consolidator_layers():
+            for p in layer.branches.parameters():
+                p.requires_grad_(True)
+            if cfg.train_bias and layer.base_layer.bias is not None:
+                layer.base_layer.bias.requires_grad_(True)
+        if cfg.train_layernorm:
+            for module in self.base_model.modules():
+                if _is_norm(module):
+                    for p in module.parameters(recurse=False):
+                        p.requires_grad_(True)
+        wanted = cfg.modules_to_save or []
+        saved = self._saved_module_names()
+        missing = [t for t in wanted if not any(name_matches(n, t) for n in saved)]
+        if missing:
+            warnings.warn(f"modules_to_save {missing} match no module of "
+                          f"{type(self.base_model).__name__}; nothing is saved for them",
+                          stacklevel=3)
+        for name in saved:
+            for p in self.base_model.get_submodule(name).parameters():
+                p.requires_grad_(True)
+
+    def _trainable_base_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        """Trainable parameters that are not branch parameters, with base-model names
+        (``.base_layer`` dropped: the names the merged model uses)."""
+        for name, p in self.base_model.named_parameters():
+            if p.requires_grad and ".branches." not in name:
+                yield name.replace(".base_layer.", "."), p
+
+    # ------------------------------------------------------------------ counting
+    def parameter_counts(self) -> Dict[str, int]:
+        """``trainable``, ``branch``, ``stored`` (after consolidation) and ``base`` counts."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        branch = sum(p.numel() for _, l in self.consolidator_layers() for p in l.branches.parameters())
+        base = sum(p.numel() for p in self.parameters()) - branch
+        stored = sum(t.numel() for t in self._adapter_tensors(consolidate=True).values())
+        return {"trainable": trainable, "branch": branch, "stored": stored, "base": base}
+
+    def print_trainable_parameters(self) -> None:
+        c = self.parameter_counts()
+        print(
+            f"trainable params: {c['trainable']:,} (branches: {c['branch']:,}) || "
+            f"stored after consolidation: {c['stored']:,} || base params: {c['base']:,} || "
+            f"trainable%: {100 * c['trainable'] / c['base']:.4f} || "
+            f"stored%: {100 * c['stored'] / c['base']:.4f}"
+        )
+
+    # ------------------------------------------------------------------ merge
+    def merge_adapter(self, safe_merge: bool = False) -> None:
+        """Merge every layer in place (forward then uses plain linear weights)."""
+        for _, layer in self.consolidator_layers():
+            layer.merge(safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in self.consolidator_layers():
+            layer.unmerge()
+
+    def _replace_layers(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+        if merge:
+            # Check every layer before touching any, so a bad merge leaves the model intact.
+            if safe_merge:
+                for name, layer in self.consolidator_layers():
+                    if not layer.merged and not torch.isfinite(layer.delta_weight()).all():
+                        raise ValueError(f"{name}: merge would produce NaN or inf weights; "
+                                         "nothing was merged")
+            self.merge_adapter(safe_merge=safe_merge)
+        else:
+            self.unmerge_adapter()
+        for name, layer in list(self.consolidator_layers()):
+            _set_submodule(self.base_model, name, layer.base_layer)
+        return self.base_model
+
+    def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
+        """The plain base model (e.g. ``ViTForImageClassification``) with merged weights.
+
+        Trained biases, norms and ``modules_to_save`` stay as trained. This consumes the
+        wrapper: the returned model is the wrapped one, with ``nn.Linear`` layers back.
+        """
+        return self._replace_layers(merge=True, safe_merge=safe_merge)
+
+    @torch.no_grad()
+    def unload(self) -> nn.Module:
+        """The untouched base model: branches removed, trained tensors restored."""
+        model = self._replace_layers(merge=False)
+        params = dict(model.named_parameters())
+        for name, original in self._originals.items():
+            params[name].copy_(original)
+        return model
+
+    # ------------------------------------------------------------------ storage
+    def _adapter_tensors(self, consolidate: bool) -> Dict[str, torch.Tensor]:
+        """What training changed, keyed by base-model module paths. Never a frozen tensor."""
+        cfg = self.consolidator_config
+        tensors: Dict[str, torch.Tensor] = {}
+        layer_bias_names = set()
+        for name, layer in self.consolidator_layers():
+            if layer.merged:
+                raise ValueError(f"{name} is merged; unmerge_adapter() before saving the adapter")
+            bias_changes = cfg.branch_bias or (cfg.train_bias and layer.base_layer.bias is not None)
+            base_bias = layer.base_layer.bias
+            if consolidate:
+                _, values = layer.consolidated()
+                tensors[f"{name}.delta"] = values.to(layer.branches[0].weight.dtype)
+                if bias_changes:
+                    b = layer.delta_bias()
+                    if b is None:
+                        b = base_bias.float()
+                    elif base_bias is not None:
+                        b = b + base_bias.float()
+                    dtype = base_bias.dtype if base_bias is not None else layer.branches[0].weight.dtype
+                    tensors[f"{name}.bias"] = b.to(dtype)
+                    layer_bias_names.add(f"{name}.bias")
+            else:
+                for k, branch in enumerate(layer.branches):
+                    for pname, p in branch.named_parameters():
+                        tensors[f"{name}.branches.{k}.{pname}"] = p.detach()
+        for pname, p in self._trainable_base_parameters():
+            if pname not in layer_bias_names:
+                tensors[pname] = p.detach()
+        return tensors
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], *,
+                        consolidate: bool = True) -> None:
+        """Write ``consolidator_config.json`` and ``consolidator_model.safetensors``.
+
+        With ``consolidate=True`` (stage 1 of the paper) each layer's branches are stored as
+        one delta on the union of their supports, with branch biases folded into the
+        layer bias; ``consolidate=False`` stores the raw branches (exact training state, for
+        checkpoints). Frozen backbone tensors are never written.
+        """
+        tensors = self._adapter_tensors(consolidate)
+        model_type = getattr(getattr(self.base_model, "config", None), "model_type", "") or ""
+        metadata = {
+            "format": _ADAPTER_FORMAT,
+            "format_version": str(FORMAT_VERSION),
+            "consolidated": "true" if consolidate else "false",
+            "model_type": model_type,
+        }
+        os.makedirs(save_directory, exist_ok=True)
+        atomic_save_safetensors(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata)
+        self.consolidator_config.save_pretrained(save_directory)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: nn.Module, path_or_repo: Union[str, os.PathLike], *,
+        revision: Optional[str] = None, token: Optional[str] = None, is_trainable: bool = True,
+    ) -> "ConsolidatorModel":
+        """Wrap ``model`` with the adapter saved in a folder or Hub repo (stage 2 of the paper).
+
+        A consolidated adapter is split back into the branches exactly, so the result gives
+        the saved outputs and can keep training. ``is_trainable=False`` freezes everything.
+        """
+        config = ConsolidatorConfig.from_pretrained(path_or_repo, revision=revision, token=token)
+        base_name = getattr(model, "name_or_path", None)
+        if config.base_model_name_or_path and base_name and base_name != config.base_model_name_or_path:
+            warnings.warn(f"adapter was trained on {config.base_model_name_or_path!r}, loading it "
+                          f"onto {base_name!r}", stacklevel=2)
+        path = resolve_file(path_or_repo, WEIGHTS_NAME, revision=revision, token=token)
+        tensors, metadata = load_safetensors(path)
+        wrapped = cls(model, config)
+        wrapped.load_adapter_state(tensors, metadata, source=path)
+        if not is_trainable:
+            for p in wrapped.parameters():
+                p.requires_grad_(False)
+        return wrapped
+
+    @torch.no_grad()
+    def load_adapter_state(self, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
+                           source: str = "adapter") -> None:
+        """Load tensors written by :meth:`save_pretrained` (either storage form)."""
+        if metadata.get("format") != _ADAPTER_FORMAT:
+            raise ValueError(f"{source}: not a consolidator_hf adapter file (metadata "
+                             f"format={metadata.get('format')!r})")
+        consolidated = metadata.get("consolidated") == "true"
+        model_type = getattr(getattr(self.base_model, "config", None), "model_type", "") or ""
+        saved_type = metadata.get("model_type", "")
+        if saved_type and model_type and saved_type != model_type:
+            raise ValueError(f"{source}: adapter was saved for model_type={saved_type!r}, the base "
+                             f"model is {model_type!r}")
+        expected = self._adapter_tensors(consolidate=consolidated)
+        # Accept keys written under transformers 4.x module names as well as 5.x ones.
+        canon = {rename_4_to_5(k, model_type): k for k in expected}
+        remapped: Dict[str, torch.Tensor] = {}
+        unknown = []
+        for key, value in tensors.items():
+            target = canon.get(rename_4_to_5(key, model_type))
+            if target is None:
+                unknown.append(key)
+            else:
+                remapped[target] = value
+        missing = sorted(set(expected) - set(remapped))
+        if unknown or missing:
+            raise ValueError(
+                f"{source}: adapter does not match the base model "
+                f"({type(self.base_model).__name__}); unexpected keys: {sorted(unknown)[:10]}"
+                f"{' ...' if len(unknown) > 10 else ''}; missing keys: {missing[:10]}"
+                f"{' ...' if len(missing) > 10 else ''}"
+            )
+        for key, value in remapped.items():
+            if not key.endswith(".delta") and value.shape != expected[key].shape:
+                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the base model "
+                                 f"expects {tuple(expected[key].shape)}")
+        layers = dict(self.consolidator_layers())
+        params = {n.replace(".base_layer.", "."): p for n, p in self.base_model.named_parameters()}
+        # Deltas first: splitting a delta zeroes the branch biases, which a stored bias may refill.
+        for key, value in sorted(remapped.items(), key=lambda kv: not kv[0].endswith(".delta")):
+            if key.endswith(".delta") and key[: -len(".delta")] in layers:
+                layers[key[: -len(".delta")]].load_consolidated(value)
+                continue
+            layer_name = key.rsplit(".", 1)[0]
+            if consolidated and key.endswith(".bias") and layer_name in layers:
+                layer = layers[layer_name]
+                if layer.base_layer.bias is None:
+                    # Branch biases but no base bias: the stored bias is sum_k c_k.
+                    layer.branches[0].bias.copy_(value.to(layer.branches[0].bias.dtype))
+                    continue
+            param = params.get(key)
+            if param is None:  # branch parameters of an unconsolidated file
+                param = self.base_model.get_parameter(key)
+            param.copy_(value.to(param.dtype))

@@ -1,0 +1,105 @@
+"""Per-architecture knowledge, in one table: which linear layers Consolidator adapts.
+
+transformers 5.x renamed the ViT-family modules (``attention.q_proj``, ``mlp.fc1``...)
+while 4.x used ``attention.attention.query``, ``intermediate.dense``, ... Both schemes are
+listed; injection uses whichever the installed model actually has. ``RENAMES_4_TO_5``
+maps adapter keys written under one scheme onto the other.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Optional, Tuple
+
+from torch import nn
+
+# model_type -> naming scheme -> dot-bounded module-name suffixes
+TARGET_MODULES: Dict[str, Dict[str, List[str]]] = {
+    "vit": {
+        "5.x": ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                "mlp.fc1", "mlp.fc2"],
+        "4.x": ["attention.attention.query", "attention.attention.key", "attention.attention.value",
+                "attention.output.dense", "intermediate.dense", "output.dense"],
+    },
+    "dinov2": {
+        "5.x": ["attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                "mlp.fc1", "mlp.fc2"],
+        "4.x": ["attention.attention.query", "attention.attention.key", "attention.attention.value",
+                "attention.output.dense", "mlp.fc1", "mlp.fc2"],
+    },
+}
+# Same layer layout as ViT.
+for _alias in ("deit", "vit_msn", "vit_mae"):
+    TARGET_MODULES[_alias] = TARGET_MODULES["vit"]
+
+# The attention projections that the paper's fused qkv layer covers, in [q; k; v] order.
+QKV_MODULES: Dict[str, List[str]] = {
+    "5.x": ["attention.q_proj", "attention.k_proj", "attention.v_proj"],
+    "4.x": ["attention.attention.query", "attention.attention.key", "attention.attention.value"],
+}
+
+# model_type -> [(4.x pattern, 5.x replacement)] applied to module paths, in order.
+_ATTENTION_4_TO_5: List[Tuple[str, str]] = [
+    (r"\.attention\.attention\.query\b", ".attention.q_proj"),
+    (r"\.attention\.attention\.key\b", ".attention.k_proj"),
+    (r"\.attention\.attention\.value\b", ".attention.v_proj"),
+    (r"\.attention\.output\.dense\b", ".attention.o_proj"),
+]
+RENAMES_4_TO_5: Dict[str, List[Tuple[str, str]]] = {
+    "vit": [(r"\.encoder\.layer\.(\d+)\.", r".layers.\1.")] + _ATTENTION_4_TO_5 + [
+        (r"\.intermediate\.dense\b", ".mlp.fc1"),
+        (r"\.layers\.(\d+)\.output\.dense\b", r".layers.\1.mlp.fc2"),
+    ],
+    "dinov2": list(_ATTENTION_4_TO_5),  # 5.x keeps encoder.layer and mlp.fc1/fc2
+}
+for _alias in ("deit", "vit_msn", "vit_mae"):
+    RENAMES_4_TO_5[_alias] = RENAMES_4_TO_5["vit"]
+
+
+def name_matches(name: str, pattern: str) -> bool:
+    """Dot-bounded suffix match: ``name == pattern`` or ``name.endswith('.' + pattern)``."""
+    return name == pattern or name.endswith("." + pattern)
+
+
+def linear_names(model: nn.Module) -> List[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def default_target_modules(model: nn.Module) -> List[str]:
+    """The table's entry for ``model.config.model_type``, in the scheme the model uses."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in TARGET_MODULES:
+        raise ValueError(
+            f"no default target_modules for model_type={model_type!r}; known: "
+            f"{sorted(TARGET_MODULES)}. Pass target_modules explicitly."
+        )
+    names = linear_names(model)
+    best: Optional[List[str]] = None
+    for scheme, targets in TARGET_MODULES[model_type].items():
+        if all(any(name_matches(n, t) for n in names) for t in targets):
+            best = targets
+            break
+    if best is None:
+        raise ValueError(
+            f"model_type={model_type!r}: the model's linear layers match neither naming scheme "
+            f"({', '.join(TARGET_MODULES[model_type])}); pass target_modules explicitly"
+        )
+    return list(best)
+
+
+def qkv_modules(names: Iterable[str]) -> List[str]:
+    """The q/k/v suffixes (in [q; k; v] order) of whichever scheme ``names`` use."""
+    names = list(names)
+    for targets in QKV_MODULES.values():
+        if all(any(name_matches(n, t) for n in names) for t in targets):
+            return list(targets)
+    raise ValueError("the model has no q/k/v projections under either naming scheme "
+                     f"({QKV_MODULES})")
+
+
+def rename_4_to_5(key: str, model_type: str) -> str:
+    """Map a transformers 4.x module path of a ``model_type`` model onto the 5.x one."""
+    key = "." + key
+    for pattern, repl in RENAMES_4_TO_5.get(model_type, []):
+        key = re.sub(pattern, repl, key)
+    return key[1:]

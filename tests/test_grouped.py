@@ -1,0 +1,103 @@
+"""The index formulas of DESIGN.md section 1, checked against literal loops."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from consolidator_hf import grouped
+
+
+def dense_by_loops(weight, in_f, g, shuffle):
+    """D from the DESIGN.md formulas, written as plain loops."""
+    out_f, s = weight.shape
+    block = torch.zeros(out_f, in_f, dtype=weight.dtype)
+    for o in range(out_f):
+        q = o // (out_f // g)
+        for j in range(s):
+            block[o, q * s + j] = weight[o, j]  # B in shuffled coordinates
+    if not shuffle:
+        return block
+    dense = torch.zeros(out_f, in_f, dtype=weight.dtype)
+    for i in range(g):
+        for j in range(s):
+            dense[:, i * s + j] = block[:, j * g + i]  # D[:, i*s+j] = B[:, j*g+i]
+    return dense
+
+
+def test_shuffle_matches_formula():
+    g, s = 3, 4
+    x = torch.arange(g * s).float()
+    xs = grouped.channel_shuffle(x, g)
+    for i in range(g):
+        for j in range(s):
+            assert xs[j * g + i] == x[i * s + j]
+    perm = grouped.shuffle_permutation(g * s, g)
+    assert torch.equal(x[perm], xs)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_dense_matches_loops(shuffle):
+    w = torch.randn(6, 4)
+    d = grouped.grouped_to_dense(w, 12, 3, shuffle)
+    assert torch.equal(d, dense_by_loops(w, 12, 3, shuffle))
+    assert torch.equal(grouped.dense_to_grouped(d, 3, shuffle), w)
+
+
+@settings(max_examples=60, deadline=None)
+@given(g=st.integers(1, 6), s=st.integers(1, 5), rows=st.integers(1, 4), shuffle=st.booleans())
+def test_dense_reproduces_branch_forward(g, s, rows, shuffle):
+    in_f, out_f = g * s, g * rows
+    w = torch.randn(out_f, s, dtype=torch.float64)
+    x = torch.randn(3, in_f, dtype=torch.float64)
+    y = grouped.grouped_forward_reference(x, w, g, shuffle)
+    d = grouped.grouped_to_dense(w, in_f, g, shuffle)
+    torch.testing.assert_close(y, x @ d.T, rtol=1e-12, atol=1e-12)
+    assert torch.equal(d, dense_by_loops(w, in_f, g, shuffle).double())
+
+
+def test_row_slices_tile_the_virtual_layer():
+    """Three row slices of one grouped (3*out x in) layer give its dense matrix, stacked."""
+    in_f, out_f, g = 8, 8, 4  # 24 virtual rows in blocks of 6: slices cut through blocks
+    w = torch.randn(3 * out_f, in_f // g)
+    full = grouped.grouped_to_dense(w, in_f, g, True)
+    parts = [grouped.grouped_to_dense(w[i * out_f:(i + 1) * out_f], in_f, g, True,
+                                      row_offset=i * out_f, virtual_out=3 * out_f)
+             for i in range(3)]
+    assert torch.equal(torch.cat(parts), full)
+    x = torch.randn(5, in_f)
+    y = grouped.grouped_forward_reference(x, w[out_f:2 * out_f], g, True, row_offset=out_f,
+                                          virtual_out=3 * out_f)
+    torch.testing.assert_close(y, x @ parts[1].T)
+
+
+def test_union_support_and_split_are_exact():
+    in_f, out_f = 8, 8
+    idx = [grouped.support_index(in_f, out_f, g, sh) for g, sh in [(4, False), (2, False), (4, True)]]
+    ws = [torch.randn(i.shape) for i in idx]
+    dense = sum(grouped.grouped_to_dense(w, in_f, g, sh) for w, (g, sh) in
+                zip(ws, [(4, False), (2, False), (4, True)]))
+    union = grouped.union_support(idx)
+    # nested supports: g=4 (no shuffle) lies inside g=2 (no shuffle)
+    assert set(idx[0].flatten().tolist()) <= set(idx[1].flatten().tolist())
+    assert union.numel() == len(set(torch.cat([i.flatten() for i in idx]).tolist()))
+    parts = grouped.split_union(dense.flatten()[union], union, idx, out_f * in_f)
+    rebuilt = sum(grouped.grouped_to_dense(w, in_f, g, sh) for w, (g, sh) in
+                  zip(parts, [(4, False), (2, False), (4, True)]))
+    torch.testing.assert_close(rebuilt, dense, rtol=0, atol=0)
+
+
+def test_check_groups_names_layer_shape_and_group():
+    with pytest.raises(ValueError, match=r"blk\.fc \(out=8, in=6\): groups=4 does not divide in_features=6"):
+        grouped.check_groups(6, 8, 4, name="blk.fc")
+    with pytest.raises(ValueError, match="does not divide out_features=6"):
+        grouped.check_groups(8, 6, 4)
+    with pytest.raises(ValueError, match="positive int"):
+        grouped.check_groups(8, 8, 0)
+
+
+def test_keep_mask_scale_and_rate():
+    g = torch.Generator().manual_seed(0)
+    m = grouped.keep_mask(20000, 0.25, generator=g)
+    assert torch.equal(m.unique(), torch.tensor([0.0, 1 / 0.75]))
+    assert abs((m > 0).float().mean().item() - 0.75) < 0.02
