@@ -286,12 +286,13 @@ class ConsolidatorModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, model: nn.Module, path_or_repo: Union[str, os.PathLike], *,
-        revision: Optional[str] = None, token: Optional[str] = None, is_trainable: bool = True,
+        revision: Optional[str] = None, token: Optional[str] = None, is_trainable: bool = False,
     ) -> "ConsolidatorModel":
         """Wrap ``model`` with the adapter saved in a folder or Hub repo (stage 2 of the paper).
 
         A consolidated adapter is split back into the branches exactly, so the result gives
-        the saved outputs and can keep training. ``is_trainable=False`` freezes everything.
+        the saved outputs. As in PEFT, the result is frozen and in eval mode unless
+        ``is_trainable=True``, which applies the config's freezing policy to keep training.
         """
         config = ConsolidatorConfig.from_pretrained(path_or_repo, revision=revision, token=token)
         base_name = getattr(model, "name_or_path", None)
@@ -305,6 +306,7 @@ class ConsolidatorModel(nn.Module):
         if not is_trainable:
             for p in wrapped.parameters():
                 p.requires_grad_(False)
+            wrapped.eval()
         return wrapped
 
     @torch.no_grad()

@@ -132,18 +132,19 @@ def test_save_load_roundtrip_and_file_contents(tmp_path):
         header = int.from_bytes(f.read(8), "little")
     assert os.path.getsize(path) == 8 + header + 4 * stored
 
-    loaded = ConsolidatorModel.from_pretrained(tiny_vit(), tmp_path).eval()
+    loaded = ConsolidatorModel.from_pretrained(tiny_vit(), tmp_path)
+    assert not loaded.training and not any(p.requires_grad for p in loaded.parameters())
     assert (loaded(pixels()).logits - y).abs().max() <= 1e-5
-    assert any(p.requires_grad for p in loaded.parameters())  # can keep training
-    frozen_load = ConsolidatorModel.from_pretrained(tiny_vit(), tmp_path, is_trainable=False)
-    assert not any(p.requires_grad for p in frozen_load.parameters())
+    trainable = ConsolidatorModel.from_pretrained(tiny_vit(), tmp_path, is_trainable=True)
+    assert {n for n, p in trainable.named_parameters() if p.requires_grad} == \
+        {n for n, p in model.named_parameters() if p.requires_grad}  # can keep training
 
 
 def test_unconsolidated_save_is_exact_training_state(tmp_path):
     model = get_consolidator_model(tiny_vit(), cfg(groups=(8, 4))).eval()
     perturb_trainables(model)
     model.save_pretrained(tmp_path, consolidate=False)
-    loaded = ConsolidatorModel.from_pretrained(tiny_vit(), tmp_path)
+    loaded = ConsolidatorModel.from_pretrained(tiny_vit(), tmp_path, is_trainable=True)
     a = {n: p for n, p in model.named_parameters() if p.requires_grad}
     b = {n: p for n, p in loaded.named_parameters() if p.requires_grad}
     assert a.keys() == b.keys()
