@@ -23,6 +23,19 @@ def get_consolidator_model(model: nn.Module, config: ConsolidatorConfig) -> Cons
     return ConsolidatorModel(model, config)
 
 
+# Data and metrics pull in datasets/evaluate: imported on first use, not with the core.
+_LAZY = {"load_vtab1k": "data", "load_image_dataset": "data", "make_transform": "data",
+         "Top1Accuracy": "metrics", "vtab_aggregate": "metrics"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
@@ -30,5 +43,10 @@ __all__ = [
     "ConsolidatorConfig",
     "ConsolidatorLinear",
     "ConsolidatorModel",
+    "Top1Accuracy",
     "get_consolidator_model",
+    "load_image_dataset",
+    "load_vtab1k",
+    "make_transform",
+    "vtab_aggregate",
 ]

@@ -1,5 +1,6 @@
-"""VTAB-1k registry and datasets-based loaders."""
+"""VTAB-1k registry, ``datasets``-based loaders and lazy image transforms."""
 
+from .loaders import SPLITS, load_image_dataset, load_vtab1k, read_vtab_list, vtab_features
 from .registry import (
     BACKBONES,
     FOLDER_ALIASES,
@@ -13,17 +14,27 @@ from .registry import (
     task_names,
     tasks,
 )
+from .transforms import PREPROCESSING, make_transform, paper_pixel_values, to_rgb
 
 __all__ = [
     "BACKBONES",
     "FOLDER_ALIASES",
     "GROUPS",
+    "PREPROCESSING",
+    "SPLITS",
     "VtabTask",
     "find_task_folder",
     "get_task",
+    "load_image_dataset",
+    "load_vtab1k",
+    "make_transform",
+    "paper_pixel_values",
     "paper_results",
+    "read_vtab_list",
     "registry",
     "shared_recipe",
     "task_names",
     "tasks",
+    "to_rgb",
+    "vtab_features",
 ]

@@ -1,0 +1,176 @@
+"""Loaders that return ``datasets.Dataset`` objects with exactly two features,
+``{"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=N)}``:
+
+- :func:`load_vtab1k` reads the on-disk VTAB-1k format
+  (``<data_dir>/<task>/{train800,val200,train800val200,test}.txt``, each line
+  ``images/<split>/<NNNNNN>.jpg <label>`` relative to the task folder);
+- :func:`load_image_dataset` wraps any ``datasets.load_dataset`` source (Hub id, ``parquet``,
+  ``imagefolder``...) and maps its image and label columns onto the same schema.
+
+Images are stored as paths (decoded lazily by ``datasets``); the whole list is validated eagerly,
+so a broken download fails at load time with the file and line, not hours into training.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Tuple
+
+import datasets
+
+from .registry import get_task
+
+SPLITS: Tuple[str, ...] = ("train800", "val200", "train800val200", "test")
+
+
+def vtab_features(num_classes: int) -> datasets.Features:
+    """The schema every loader here returns."""
+    return datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=num_classes)})
+
+
+def _resolve_task(task: str, num_classes: Optional[int]) -> Tuple[Tuple[str, ...], int]:
+    """Folder names to look for and the class count (explicit ``num_classes`` wins)."""
+    try:
+        info = get_task(task)
+    except ValueError:
+        info = None
+    if info is None:
+        if num_classes is None:
+            raise ValueError(f"task {task!r} is not in the VTAB-1k registry: pass num_classes= explicitly")
+        folders: Tuple[str, ...] = (task,)
+    else:
+        folders = info.folder_names
+        if task not in folders:  # keep the spelling the caller asked for first
+            folders = (task,) + folders
+        if num_classes is None:
+            num_classes = info.num_classes
+    if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    return folders, num_classes
+
+
+def _find_folder(data_dir: str, task: str, folders: Tuple[str, ...]) -> str:
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"VTAB-1k data directory {data_dir!r} does not exist")
+    for name in folders:
+        path = os.path.join(data_dir, name)
+        if os.path.isdir(path):
+            return path
+    raise FileNotFoundError(
+        f"task folder for {task!r} not found under {data_dir!r}: looked for "
+        + " or ".join(repr(os.path.join(data_dir, n)) for n in folders))
+
+
+def read_vtab_list(list_file: str, num_classes: int) -> Tuple[List[str], List[int]]:
+    """Parse one VTAB-1k list file into absolute image paths and integer labels.
+
+    Every line must be ``<relative image path> <integer label>``; blank lines are ignored.
+    Raises ``ValueError`` naming the file and line number for a malformed line or a label outside
+    ``[0, num_classes)``, and ``FileNotFoundError`` naming the image for a missing image.
+    """
+    root = os.path.dirname(os.path.abspath(list_file))
+    paths: List[str] = []
+    labels: List[int] = []
+    with open(list_file, "r", encoding="utf-8") as f:
+        for lineno, raw in enumerate(f, start=1):
+            line = raw.strip()
+            if not line:
+                continue
+            # rsplit: the label is the last field, so a path containing spaces still parses
+            fields = line.rsplit(None, 1)
+            if len(fields) != 2:
+                raise ValueError(f"{list_file}:{lineno}: malformed line {line!r}: "
+                                 "expected '<image path> <integer label>'")
+            rel, label_text = fields
+            try:
+                label = int(label_text)
+            except ValueError:
+                raise ValueError(f"{list_file}:{lineno}: malformed line {line!r}: "
+                                 f"label {label_text!r} is not an integer") from None
+            if not 0 <= label < num_classes:
+                raise ValueError(f"{list_file}:{lineno}: label {label} outside [0, {num_classes})")
+            path = os.path.normpath(os.path.join(root, rel))
+            if not os.path.isfile(path):
+                raise FileNotFoundError(f"{list_file}:{lineno}: image {path!r} does not exist")
+            paths.append(path)
+            labels.append(label)
+    if not paths:
+        raise ValueError(f"{list_file}: the list file has no entries")
+    return paths, labels
+
+
+def load_vtab1k(data_dir: str, task: str, split: str, *, num_classes: Optional[int] = None) -> datasets.Dataset:
+    """One split of one VTAB-1k task from the on-disk format.
+
+    ``task`` is a training name (``cifar100``) or folder name (``cifar``); either folder spelling
+    is found under ``data_dir``. ``num_classes`` defaults to the registry's class count; pass it
+    for tasks that are not in the registry (same on-disk format, any folder name).
+
+    >>> ds = load_vtab1k("data/vtab-1k", "cifar100", "train800val200")  # doctest: +SKIP
+    >>> ds.features["label"].num_classes  # doctest: +SKIP
+    100
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown VTAB-1k split {split!r}; expected one of {', '.join(SPLITS)}")
+    folders, n = _resolve_task(task, num_classes)
+    folder = _find_folder(os.fspath(data_dir), task, folders)
+    list_file = os.path.join(folder, f"{split}.txt")
+    if not os.path.isfile(list_file):
+        raise FileNotFoundError(f"list file {list_file!r} for split {split!r} of task {task!r} does not exist")
+    paths, labels = read_vtab_list(list_file, n)
+    return datasets.Dataset.from_dict({"image": paths, "label": labels}, features=vtab_features(n))
+
+
+def load_image_dataset(source: str, split: str, *, image_column: str = "image", label_column: str = "label",
+                       num_classes: Optional[int] = None, **load_kwargs: Any) -> datasets.Dataset:
+    """Any ``datasets.load_dataset`` source mapped onto ``{"image": Image(), "label": ClassLabel}``.
+
+    ``source``, ``split`` and ``load_kwargs`` go to ``datasets.load_dataset`` (e.g.
+    ``load_image_dataset("parquet", "train", data_files={"train": "x.parquet"}, image_column="img")``
+    or ``load_image_dataset("imagefolder", "train", data_dir="pets/")``). Other columns are dropped.
+    The label column may be a ``ClassLabel`` (kept; ``num_classes``, if given, must agree), integers
+    (``num_classes`` defaults to ``max + 1``; every label must be in ``[0, num_classes)``) or
+    strings (encoded as a ``ClassLabel`` with the sorted names).
+    """
+    ds = datasets.load_dataset(source, split=split, **load_kwargs)
+    if not isinstance(ds, datasets.Dataset):
+        raise TypeError(f"load_dataset({source!r}, split={split!r}) did not return a Dataset "
+                        f"(got {type(ds).__name__}); streaming sources are not supported here")
+    for role, column in (("image_column", image_column), ("label_column", label_column)):
+        if column not in ds.column_names:
+            raise ValueError(f"{source!r} split {split!r} has no column {column!r} ({role}); "
+                             f"columns: {ds.column_names}")
+    if image_column == label_column:
+        raise ValueError(f"image_column and label_column are both {image_column!r}")
+    ds = ds.select_columns([image_column, label_column])
+    ds = ds.rename_columns({c: new for c, new in ((image_column, "image"), (label_column, "label")) if c != new})
+
+    label_feature = ds.features["label"]
+    if isinstance(label_feature, datasets.Value) and label_feature.dtype in ("string", "large_string"):
+        ds = ds.class_encode_column("label")
+        label_feature = ds.features["label"]
+    if isinstance(label_feature, datasets.ClassLabel):
+        if num_classes is not None and num_classes != label_feature.num_classes:
+            raise ValueError(f"{source!r}: num_classes={num_classes} but column {label_column!r} is a "
+                             f"ClassLabel with {label_feature.num_classes} classes")
+        labels_feature = label_feature
+    elif isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")):
+        labels = ds["label"]
+        if len(labels) == 0:
+            raise ValueError(f"{source!r} split {split!r} is empty")
+        lo, hi = min(labels), max(labels)
+        if num_classes is None:
+            num_classes = hi + 1
+        if lo < 0 or hi >= num_classes:
+            bad = next(i for i, y in enumerate(labels) if not 0 <= y < num_classes)
+            raise ValueError(f"{source!r} split {split!r}: row {bad} has label {labels[bad]} "
+                             f"outside [0, {num_classes})")
+        labels_feature = datasets.ClassLabel(num_classes=num_classes)
+    else:
+        raise TypeError(f"{source!r}: label column {label_column!r} has type {label_feature}; "
+                        "expected a ClassLabel, integers or strings")
+    # cast_column accepts paths, bytes dicts and already-decoded images for the Image feature
+    features = datasets.Features({"image": datasets.Image(), "label": labels_feature})
+    if ds.features != features:
+        ds = ds.cast(features)
+    return ds

@@ -1,0 +1,84 @@
+"""Batch transforms for ``Dataset.set_transform``: images in, ``pixel_values``/``labels`` out.
+
+Applied lazily, so the dataset on disk stays raw JPEGs and each preprocessing can be chosen by name:
+
+- ``"paper"``: what the paper's VTAB scripts do: bicubic resize straight to ``image_size`` squared
+  (no crop, no augmentation), scale to [0, 1], normalise with the ImageNet mean/std from the
+  registry's ``shared_recipe``. Pure PIL + numpy + torch.
+- ``"processor"``: the model's own ``transformers`` image processor (e.g. ``ViTImageProcessor``:
+  bilinear, mean/std 0.5), with its own size settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .registry import shared_recipe
+
+PREPROCESSING: tuple = ("paper", "processor")
+
+
+def to_rgb(image: Any) -> Image.Image:
+    """A PIL RGB image from a PIL image of any mode (L, P, RGBA, CMYK, I;16...) or an HxW[xC] array."""
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16/32-bit grey: PIL's direct conversion clips to 255, so rescale the range to 8 bits first
+        arr = np.asarray(image, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) * 255.0 if hi > lo else np.zeros_like(arr)
+        image = Image.fromarray(arr.round().astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def paper_pixel_values(images: Sequence[Any], image_size: int = 224) -> torch.Tensor:
+    """(B, 3, image_size, image_size) float32: bicubic resize, /255, ImageNet mean/std."""
+    recipe = shared_recipe()
+    mean = np.asarray(recipe["normalize_mean"], dtype=np.float32)
+    std = np.asarray(recipe["normalize_std"], dtype=np.float32)
+    out = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
+    for i, image in enumerate(images):
+        rgb = to_rgb(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+        arr = np.asarray(rgb, dtype=np.float32) / 255.0
+        out[i] = ((arr - mean) / std).transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+def make_transform(preprocess: str, *, image_processor: Any = None,
+                   image_size: int = 224) -> Callable[[Dict[str, List[Any]]], Dict[str, torch.Tensor]]:
+    """A ``Dataset.set_transform`` function for the named preprocessing.
+
+    The returned function maps a batch ``{"image": [PIL...], "label": [int...]}`` to
+    ``{"pixel_values": FloatTensor (B, 3, H, W), "labels": LongTensor (B,)}``. ``image_size``
+    applies to ``"paper"``; ``"processor"`` uses the processor's own size settings.
+
+    >>> ds.set_transform(make_transform("paper"))  # doctest: +SKIP
+    >>> ds[0]["pixel_values"].shape  # doctest: +SKIP
+    torch.Size([3, 224, 224])
+    """
+    if preprocess not in PREPROCESSING:
+        raise ValueError(f"unknown preprocess {preprocess!r}; expected one of {', '.join(PREPROCESSING)}")
+    if preprocess == "processor" and image_processor is None:
+        raise ValueError("preprocess='processor' needs image_processor= (e.g. AutoImageProcessor.from_pretrained(model))")
+    if preprocess == "paper" and (not isinstance(image_size, int) or image_size < 1):
+        raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
+
+    def transform(batch: Dict[str, List[Any]]) -> Dict[str, torch.Tensor]:
+        if "image" not in batch or "label" not in batch:
+            raise KeyError(f"expected a batch with 'image' and 'label' columns, got {sorted(batch)}")
+        images = [to_rgb(im) for im in batch["image"]]
+        if preprocess == "paper":
+            pixel_values = paper_pixel_values(images, image_size)
+        else:
+            pixel_values = image_processor(images=images, return_tensors="pt")["pixel_values"]
+        return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch["label"], dtype=torch.long)}
+
+    return transform

@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Collect a VTAB-1k sweep into the paper-layout table (Markdown + CSV) and a PNG chart.
+
+Reads RUNS/*/metrics.json (one folder per task, as scripts/vtab_sweep.py writes them) and puts each
+task beside the paper's number from the registry, with group means, the paper's average (mean of
+group means) and the plain mean; missing tasks show as "-" and are left out of the means.
+
+    python scripts/collect_results.py outputs/vtab/vit_b16_in21k
+    python scripts/collect_results.py outputs/vtab/vit_b16_in21k --out-dir results --no-plot
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from consolidator_hf.results import build_table, read_run_metrics, to_markdown, write_results
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs_dir", help="folder holding one <task>/metrics.json per finished task")
+    parser.add_argument("--out-dir", default=None, help="where to write the table and chart (default: runs_dir)")
+    parser.add_argument("--stem", default="vtab_results", help="file name stem (default: vtab_results)")
+    parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart (no matplotlib needed)")
+    args = parser.parse_args(argv)
+    paths = write_results(args.runs_dir, args.out_dir, args.stem, plot=not args.no_plot)
+    ours, notes = read_run_metrics(args.runs_dir)
+    print(to_markdown(build_table(ours, notes)))
+    for kind, path in paths.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
