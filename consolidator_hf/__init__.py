@@ -7,6 +7,8 @@ parameter budget, then merged exactly back into the linear weights.
 from torch import nn
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConsolidatorConfig
+from .convert import ConversionError, convert_checkpoint
+from .drop_path import add_backbone_drop_path, drop_path_rates
 from .layer import ConsolidatorBranch, ConsolidatorLinear
 from .model import ConsolidatorModel
 
@@ -26,9 +28,13 @@ def get_consolidator_model(model: nn.Module, config: ConsolidatorConfig) -> Cons
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "ConversionError",
     "ConsolidatorBranch",
     "ConsolidatorConfig",
     "ConsolidatorLinear",
     "ConsolidatorModel",
+    "add_backbone_drop_path",
+    "convert_checkpoint",
+    "drop_path_rates",
     "get_consolidator_model",
 ]
