@@ -348,12 +348,13 @@ def _vit_config(vit: TimmViT, num_heads: Optional[int]):
     if not isinstance(heads, int) or heads < 1 or vit.hidden_size % heads:
         raise ConversionError(f"num_heads={heads} does not divide the hidden size {vit.hidden_size}"
                               " (pass --num-heads)")
+    labels = {"num_labels": vit.num_labels} if vit.head is not None else {}
     return ViTConfig(
         hidden_size=vit.hidden_size, num_hidden_layers=vit.depth, num_attention_heads=heads,
         intermediate_size=vit.mlp_size, image_size=vit.image_size, patch_size=vit.patch_size,
         num_channels=vit.num_channels, qkv_bias=True, hidden_act="gelu", layer_norm_eps=1e-6,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-        num_labels=max(vit.num_labels, 1),
+        **labels,
     )
 
 
@@ -506,6 +507,8 @@ def _model_card(vit: TimmViT, source: str, merged: bool, shuffle: bool, heads: i
                    if merged else "kept **unmerged** as a consolidator_hf adapter beside the frozen base."))
     else:
         what = "a plain timm ViT (no Consolidator branches)."
+    origin = ("a checkpoint of the Consolidator paper's code (Hao et al., ICLR 2023; a timm ViT)"
+              if branches else "a timm-format ViT checkpoint")
     load = (f"```python\nfrom transformers import {cls}, ViTImageProcessor\n"
             f"model = {cls}.from_pretrained(PATH)\nprocessor = ViTImageProcessor.from_pretrained(PATH)\n```")
     if not merged:
@@ -518,8 +521,7 @@ def _model_card(vit: TimmViT, source: str, merged: bool, shuffle: bool, heads: i
 
 # {cls} converted from `{os.path.basename(source)}`
 
-Converted with `consolidator_hf` (`scripts/convert_original.py`) from a checkpoint of the
-Consolidator paper's code (Hao et al., ICLR 2023; a timm ViT): {what}
+Converted with `consolidator_hf` (`scripts/convert_original.py`) from {origin}: {what}
 
 | | |
 |---|---|
@@ -532,8 +534,7 @@ Consolidator paper's code (Hao et al., ICLR 2023; a timm ViT): {what}
 | LayerNorm eps | 1e-6 (timm) |
 
 Preprocessing (`preprocessor_config.json`): the paper's, bicubic resize straight to
-{vit.image_size}x{vit.image_size}, ImageNet mean/std. Label names were not stored in the
-checkpoint (`LABEL_i`).
+{vit.image_size}x{vit.image_size}, ImageNet mean/std.{" Label names were not stored in the checkpoint (`LABEL_i`)." if is_classifier else ""}
 
 {load}
 """

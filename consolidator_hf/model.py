@@ -46,6 +46,11 @@ class ConsolidatorModel(nn.Module):
     Forward passes every argument through to the base model (``labels`` give a loss), so
     the model trains with the Hugging Face ``Trainer`` like any other. Attributes the
     wrapper lacks (``config``, ``device``, ...) are looked up on the base model.
+
+    ``config.qkv_grouping="fused"`` makes q, k and v row slices of one virtual grouped layer
+    (the sets come from :mod:`consolidator_hf.targets`); ``config.backbone_drop_path`` adds
+    stochastic depth hooks (:mod:`consolidator_hf.drop_path`), removed again by
+    :meth:`merge_and_unload` and :meth:`unload`.
     """
 
     def __init__(self, model: nn.Module, config: ConsolidatorConfig) -> None:

@@ -171,17 +171,24 @@ def test_paper_checkpoints_convert_to_merged_models(tmp_path):
     assert "library_name: transformers" in card and "channel shuffle on" in card
 
 
-def test_adapter_output_loads_unmerged_merges_and_trains(tmp_path):
+def run_script_in_process(argv):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("convert_original", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+def test_adapter_output_loads_unmerged_merges_and_trains(tmp_path, capsys):
     from transformers import ViTForImageClassification
 
     state = make_state(seed=1)
     ckpt = save_checkpoint(tmp_path / "paper.pth", state)
     out = tmp_path / "adapter"
-    r = subprocess.run([sys.executable, SCRIPT, "--checkpoint", ckpt, "--output", str(out),
-                        "--adapter", "--channel-shuffle", "--num-heads", "4"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "base + adapter" in r.stdout
+    assert run_script_in_process(["--checkpoint", ckpt, "--output", str(out), "--adapter",
+                                  "--channel-shuffle", "--num-heads", "4"]) == 0
+    assert "base + adapter" in capsys.readouterr().out
     x = pixels()
     ref = reference_forward(state, x, 4, channel_shuffle=True)
     model = ConsolidatorModel.from_pretrained(ViTForImageClassification.from_pretrained(out), out).eval()
