@@ -7,6 +7,8 @@ parameter budget, then merged exactly back into the linear weights.
 from torch import nn
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConsolidatorConfig
+from .convert import ConversionError, convert_checkpoint
+from .drop_path import add_backbone_drop_path, drop_path_rates
 from .layer import ConsolidatorBranch, ConsolidatorLinear
 from .model import ConsolidatorModel
 
@@ -39,11 +41,15 @@ def __getattr__(name: str):
 __all__ = [
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "ConversionError",
     "ConsolidatorBranch",
     "ConsolidatorConfig",
     "ConsolidatorLinear",
     "ConsolidatorModel",
     "Top1Accuracy",
+    "add_backbone_drop_path",
+    "convert_checkpoint",
+    "drop_path_rates",
     "get_consolidator_model",
     "load_image_dataset",
     "load_vtab1k",

@@ -15,6 +15,7 @@ from ._io import atomic_write_text, resolve_file
 CONFIG_NAME = "consolidator_config.json"
 WEIGHTS_NAME = "consolidator_model.safetensors"
 FORMAT_VERSION = 1
+QKV_GROUPINGS = ("separate", "fused")
 
 
 @dataclass
@@ -35,6 +36,13 @@ class ConsolidatorConfig:
         modules_to_save: modules trained in full and saved in the adapter (the new head).
         train_bias: train the biases of the adapted linear layers.
         train_layernorm: train every LayerNorm.
+        qkv_grouping: ``"separate"`` groups each of q, k and v on its own; ``"fused"`` groups
+            them as the paper's single qkv layer (``3D x D``, rows ``[q; k; v]``): a group of
+            ``3D/g`` rows may span q and k, or k and v. Same parameter count, the paper's
+            sparsity pattern. Group counts must then divide ``3D``.
+        backbone_drop_path: stochastic depth on the frozen backbone's residual branches,
+            rising linearly over depth (layer ``i`` of ``L``: ``p * i / (L - 1)``, as timm);
+            training only. The paper trains with 0.1.
         base_model_name_or_path, revision: the base model the adapter belongs to.
     """
 
@@ -48,6 +56,8 @@ class ConsolidatorConfig:
     modules_to_save: Optional[List[str]] = field(default_factory=lambda: ["classifier"])
     train_bias: bool = True
     train_layernorm: bool = True
+    qkv_grouping: str = "separate"
+    backbone_drop_path: float = 0.0
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
 
@@ -71,6 +81,11 @@ class ConsolidatorConfig:
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate: must be in [0, 1), got {self.drop_rate!r}")
+        if self.qkv_grouping not in QKV_GROUPINGS:
+            raise ValueError(f"qkv_grouping: must be one of {QKV_GROUPINGS}, got {self.qkv_grouping!r}")
+        if isinstance(self.backbone_drop_path, bool) or not isinstance(
+                self.backbone_drop_path, (int, float)) or not 0.0 <= self.backbone_drop_path < 1.0:
+            raise ValueError(f"backbone_drop_path: must be in [0, 1), got {self.backbone_drop_path!r}")
         if not isinstance(self.init_range, (int, float)) or not self.init_range >= 0.0:
             raise ValueError(f"init_range: must be a number >= 0, got {self.init_range!r}")
         for name in ("target_modules", "exclude_modules"):
@@ -152,6 +167,17 @@ class ConsolidatorConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{path}: expected a JSON object")
         return cls.from_dict(d)
+
+    @classmethod
+    def from_recipe(cls, name: str, task: str, *, backbone: str = "vit_b16_in21k",
+                    **overrides: Any) -> "ConsolidatorConfig":
+        """The adapter settings of a named training recipe, e.g. ``from_recipe("paper",
+        task="cifar100")``: the paper's groups, shuffle, fused qkv grouping, backbone
+        stochastic depth and the task's drop rate (read from the registry). ``overrides``
+        replace single fields (``target_modules``, ``modules_to_save``...)."""
+        from .recipes import get_recipe  # recipes imports the registry; keep config light
+
+        return cls(**{**get_recipe(name, task, backbone).consolidator, **overrides})
 
     def replace(self, **changes: Any) -> "ConsolidatorConfig":
         return dataclasses.replace(self, **changes)

@@ -16,8 +16,9 @@ from torch import nn
 
 from ._io import atomic_save_safetensors, load_safetensors, resolve_file
 from .config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, ConsolidatorConfig
+from .drop_path import BackboneDropPath, add_backbone_drop_path
 from .layer import ConsolidatorLinear
-from .targets import default_target_modules, name_matches, rename_4_to_5
+from .targets import default_target_modules, name_matches, qkv_modules, rename_4_to_5
 
 _ADAPTER_FORMAT = "consolidator_hf"
 
@@ -45,6 +46,11 @@ class ConsolidatorModel(nn.Module):
     Forward passes every argument through to the base model (``labels`` give a loss), so
     the model trains with the Hugging Face ``Trainer`` like any other. Attributes the
     wrapper lacks (``config``, ``device``, ...) are looked up on the base model.
+
+    ``config.qkv_grouping="fused"`` makes q, k and v row slices of one virtual grouped layer
+    (the sets come from :mod:`consolidator_hf.targets`); ``config.backbone_drop_path`` adds
+    stochastic depth hooks (:mod:`consolidator_hf.drop_path`), removed again by
+    :meth:`merge_and_unload` and :meth:`unload`.
     """
 
     def __init__(self, model: nn.Module, config: ConsolidatorConfig) -> None:
@@ -53,8 +59,12 @@ class ConsolidatorModel(nn.Module):
         self.base_model = model
         self.consolidator_config = config
         self.targeted_module_names: List[str] = []
+        self._row_slices: Dict[str, Tuple[int, int]] = {}
         self._inject()
         self._apply_freezing()
+        # Hooks, not modules: names and state dicts stay those of the base model.
+        self.backbone_drop_path: Optional[BackboneDropPath] = add_backbone_drop_path(
+            self.base_model, config.backbone_drop_path)
         # Originals of every tensor training will change in place (biases, norms, heads),
         # so that unload() can hand back the untouched base model.
         self._originals: Dict[str, torch.Tensor] = {
@@ -85,8 +95,51 @@ class ConsolidatorModel(nn.Module):
         return cfg.target_modules if cfg.target_modules is not None else \
             default_target_modules(self.base_model)
 
+    def _fused_sets(self) -> List[List[str]]:
+        """Module-name suffixes whose layers form one virtual grouped layer, rows in order.
+
+        ``qkv_grouping="fused"``: the model's q, k and v projections (names from
+        :mod:`consolidator_hf.targets`), as the paper's single qkv layer.
+        """
+        if self.consolidator_config.qkv_grouping != "fused":
+            return []
+        return [qkv_modules(n for n, m in self.base_model.named_modules()
+                            if isinstance(m, nn.Linear))]
+
+    def _compute_row_slices(self, chosen: List[str], modules: Dict[str, nn.Module]
+                            ) -> Dict[str, Tuple[int, int]]:
+        """``name -> (row_offset, virtual_out)`` for layers that are row slices of a fused set."""
+        slices: Dict[str, Tuple[int, int]] = {}
+        targeted = set(chosen)
+        for suffixes in self._fused_sets():
+            for name in chosen:
+                first = next((t for t in suffixes if name_matches(name, t)), None)
+                if first is None or name in slices:
+                    continue
+                prefix = name[: len(name) - len(first)]
+                members = [prefix + t for t in suffixes]
+                absent = [m for m in members if m not in targeted]
+                if absent:
+                    raise ValueError(
+                        f"qkv_grouping='fused': {name} is adapted but {absent} of its fused set "
+                        f"{members} are not (check target_modules / exclude_modules)"
+                    )
+                sizes = [modules[m].out_features for m in members]
+                ins = {modules[m].in_features for m in members}
+                if len(ins) != 1:
+                    raise ValueError(f"qkv_grouping='fused': {members} have different "
+                                     f"in_features {[modules[m].in_features for m in members]}")
+                offset = 0
+                for m, size in zip(members, sizes):
+                    slices[m] = (offset, sum(sizes))
+                    offset += size
+        return slices
+
     def _layer_kwargs(self, name: str, module: nn.Linear) -> Dict[str, Any]:
         """Per-layer extras for :class:`ConsolidatorLinear` (row slices of a virtual layer)."""
+        if name in self._row_slices:
+            offset, virtual_out = self._row_slices[name]
+            return {"row_offset": offset, "virtual_out_features": virtual_out}
         return {}
 
     def _inject(self) -> None:
@@ -121,6 +174,7 @@ class ConsolidatorModel(nn.Module):
         if not chosen:
             raise ValueError(f"target_modules={targets!r} matches no nn.Linear in "
                              f"{type(self.base_model).__name__}")
+        self._row_slices = self._compute_row_slices(chosen, modules)
         for name in chosen:
             base = modules[name]
             layer = ConsolidatorLinear(
@@ -199,13 +253,16 @@ class ConsolidatorModel(nn.Module):
             layer.unmerge()
 
     def _replace_layers(self, merge: bool, safe_merge: bool = False) -> nn.Module:
-        if merge:
+        if merge and safe_merge:
             # Check every layer before touching any, so a bad merge leaves the model intact.
-            if safe_merge:
-                for name, layer in self.consolidator_layers():
-                    if not layer.merged and not torch.isfinite(layer.delta_weight()).all():
-                        raise ValueError(f"{name}: merge would produce NaN or inf weights; "
-                                         "nothing was merged")
+            for name, layer in self.consolidator_layers():
+                if not layer.merged and not torch.isfinite(layer.delta_weight()).all():
+                    raise ValueError(f"{name}: merge would produce NaN or inf weights; "
+                                     "nothing was merged")
+        if self.backbone_drop_path is not None:  # hand back a plain model, without our hooks
+            self.backbone_drop_path.remove()
+            self.backbone_drop_path = None
+        if merge:
             self.merge_adapter(safe_merge=safe_merge)
         else:
             self.unmerge_adapter()

@@ -7,7 +7,7 @@ preprocessing name; ``scripts/finetune.py --recipe paper`` applies one in a sing
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 from .data.registry import get_task, shared_recipe
 
@@ -34,6 +34,9 @@ def paper_recipe(task: str, backbone: str = "vit_b16_in21k") -> Recipe:
             "groups": tuple(shared["groups"]),
             "channel_shuffle": bool(shared["channel_shuffle"]),
             "drop_rate": float(per_task["drop_rate"]),
+            # the paper's timm ViT has one fused qkv layer: group it the same way
+            "qkv_grouping": "fused",
+            "backbone_drop_path": float(shared["backbone_stochastic_depth"]),
         },
         training={
             "learning_rate": float(per_task["learning_rate"]),
@@ -49,3 +52,13 @@ def paper_recipe(task: str, backbone: str = "vit_b16_in21k") -> Recipe:
         },
         preprocess="paper",
     )
+
+
+RECIPES: Dict[str, Callable[..., Recipe]] = {"paper": paper_recipe}
+
+
+def get_recipe(name: str, task: str, backbone: str = "vit_b16_in21k") -> Recipe:
+    """A recipe by name (``"paper"``) for ``task``."""
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
+    return RECIPES[name](task, backbone)

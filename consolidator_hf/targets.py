@@ -38,6 +38,22 @@ QKV_MODULES: Dict[str, List[str]] = {
     "4.x": ["attention.attention.query", "attention.attention.key", "attention.attention.value"],
 }
 
+# Where the frozen backbone's residual branches end, for stochastic depth: model_type ->
+# naming scheme -> (the ModuleList of blocks, [module paths inside one block whose output is
+# a residual branch's value, just before it is added to the residual stream]).
+# 5.x ViTLayer adds both residuals itself: the branch values are the outputs of
+# ``attention`` (a tuple; its first item) and ``mlp``. 4.x ViTLayer adds the attention
+# residual itself, but ViTOutput adds the MLP residual inside its own forward, right after
+# its dropout: the output of ``output.dropout`` is that branch's value.
+RESIDUAL_BRANCHES: Dict[str, Dict[str, Tuple[str, List[str]]]] = {
+    "vit": {
+        "5.x": ("layers", ["attention", "mlp"]),
+        "4.x": ("encoder.layer", ["attention", "output.dropout"]),
+    },
+}
+for _alias in ("deit", "vit_msn", "vit_mae"):
+    RESIDUAL_BRANCHES[_alias] = RESIDUAL_BRANCHES["vit"]
+
 # model_type -> [(4.x pattern, 5.x replacement)] applied to module paths, in order.
 _ATTENTION_4_TO_5: List[Tuple[str, str]] = [
     (r"\.attention\.attention\.query\b", ".attention.q_proj"),
@@ -103,3 +119,27 @@ def rename_4_to_5(key: str, model_type: str) -> str:
     for pattern, repl in RENAMES_4_TO_5.get(model_type, []):
         key = re.sub(pattern, repl, key)
     return key[1:]
+
+
+def residual_branches(model: nn.Module) -> List[List[nn.Module]]:
+    """Per block, in depth order, the modules whose outputs are its residual branches."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in RESIDUAL_BRANCHES:
+        raise ValueError(
+            f"backbone stochastic depth: no residual-branch table for model_type={model_type!r}; "
+            f"known: {sorted(RESIDUAL_BRANCHES)}"
+        )
+    modules = dict(model.named_modules())
+    for scheme, (blocks_name, branch_paths) in RESIDUAL_BRANCHES[model_type].items():
+        lists = [m for n, m in modules.items()
+                 if name_matches(n, blocks_name) and isinstance(m, nn.ModuleList)]
+        if len(lists) != 1 or not len(lists[0]):
+            continue
+        try:
+            return [[block.get_submodule(p) for p in branch_paths] for block in lists[0]]
+        except AttributeError:
+            continue
+    raise ValueError(
+        f"model_type={model_type!r}: found no blocks with residual branches under either naming "
+        f"scheme ({RESIDUAL_BRANCHES[model_type]})"
+    )
