@@ -328,3 +328,12 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         model.save_pretrained(tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_saved_files_get_ordinary_permissions(tmp_path):
+    model = get_consolidator_model(tiny_vit(), cfg())
+    model.save_pretrained(tmp_path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in os.listdir(tmp_path):
+        assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
