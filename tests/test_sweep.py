@@ -1,8 +1,6 @@
 import json
 import os
 
-import pytest
-
 from consolidator_hf.data import task_names
 from script_module import load_script
 
