@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from consolidator_hf.results import build_table, read_run_metrics, to_markdown, write_results
+from consolidator_hf.results import write_results
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -26,8 +26,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart (no matplotlib needed)")
     args = parser.parse_args(argv)
     paths = write_results(args.runs_dir, args.out_dir, args.stem, plot=not args.no_plot)
-    ours, notes = read_run_metrics(args.runs_dir)
-    print(to_markdown(build_table(ours, notes)))
+    with open(paths["markdown"], encoding="utf-8") as f:
+        print(f.read())
     for kind, path in paths.items():
         print(f"wrote {kind}: {path}")
     return 0

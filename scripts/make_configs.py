@@ -19,7 +19,7 @@ from typing import Dict, List
 import yaml
 
 from consolidator_hf._io import atomic_write_text
-from consolidator_hf.data import BACKBONES, shared_recipe, tasks
+from consolidator_hf.data import BACKBONES, get_task, shared_recipe, tasks
 
 # The Hub checkpoint of each backbone set; MoCo v3 has no Hugging Face checkpoint, so its configs
 # name a local folder holding the converted ViT-B/16 backbone (see the README), which
@@ -35,7 +35,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 def task_config(task: str, backbone: str) -> Dict[str, object]:
     """The ``FinetuneConfig`` fields of one task under one backbone set (key order = file order)."""
     shared = shared_recipe()
-    recipe = next(t for t in tasks() if t.name == task).recipe(backbone)
+    recipe = get_task(task).recipe(backbone)
     return {
         "task": task,
         "model": MODELS[backbone],

@@ -59,6 +59,12 @@ def test_task_outside_the_registry_needs_num_classes(vtab_dir):
         load_vtab1k(root, "mini", "test")
     ds = load_vtab1k(root, "mini", "test", num_classes=5)
     assert ds.features["label"].num_classes == 5 and ds["label"] == labels["mini"]["test"]
+    # an explicit num_classes wins over the registry's (and still bounds the labels)
+    assert load_vtab1k(root, "cifar", "test", num_classes=10).features["label"].num_classes == 10
+    with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+        load_vtab1k(root, "cifar", "test", num_classes=2)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer, got 0"):
+        load_vtab1k(root, "mini", "test", num_classes=0)
 
 
 def test_missing_folder_split_and_list_file(vtab_dir, tmp_path):
@@ -229,3 +235,11 @@ def test_load_image_dataset_string_labels(tmp_path):
     ds = load_image_dataset("parquet", "train", data_files={"train": str(tmp_path / "t.parquet")},
                             cache_dir=str(tmp_path / "cache"))
     assert ds.features["label"].names == ["a", "b"] and ds["label"] == [1, 0, 1]
+    # a ClassLabel column holding -1 ("no label") is refused with the row
+    datasets.Dataset.from_dict({"image": [rows[0]["image"]] * 2, "label": [0, -1]},
+                               features=datasets.Features({"image": datasets.Image(),
+                                                           "label": datasets.ClassLabel(names=["a", "b"])})
+                               ).to_parquet(str(tmp_path / "u.parquet"))
+    with pytest.raises(ValueError, match=r"row 1 has label -1 outside \[0, 2\)"):
+        load_image_dataset("parquet", "train", data_files={"train": str(tmp_path / "u.parquet")},
+                           cache_dir=str(tmp_path / "cache"))

@@ -19,6 +19,20 @@ def test_top1_accuracy_offline(tmp_path):
     for preds, refs in (([1, 2], [1, 0]), ([3, 3, 3], [3, 3, 1])):  # streamed batches: 3 right of 5
         metric.add_batch(predictions=preds, references=refs)
     assert metric.compute()["accuracy"] == pytest.approx(3 / 5)
+    # what a Trainer's compute_metrics passes: numpy logits' argmax, or tensors
+    import numpy as np
+    import torch
+
+    logits = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4]])
+    assert Top1Accuracy().compute(predictions=logits.argmax(-1), references=np.array([1, 0, 0, 0])) == \
+        {"accuracy": 0.75}
+    assert Top1Accuracy().compute(predictions=torch.tensor([2, 2]), references=torch.tensor([2, 1])) == \
+        {"accuracy": 0.5}
+
+
+def test_top1_accuracy_writes_no_cache_files(tmp_path):
+    Top1Accuracy(cache_dir=str(tmp_path)).compute(predictions=[1], references=[1])
+    assert list(tmp_path.rglob("*.arrow")) == [] and list(tmp_path.rglob("*.lock")) == []
 
 
 def test_top1_accuracy_loads_through_evaluate_from_its_file(tmp_path):

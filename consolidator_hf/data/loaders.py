@@ -153,6 +153,12 @@ def load_image_dataset(source: str, split: str, *, image_column: str = "image", 
         if num_classes is not None and num_classes != label_feature.num_classes:
             raise ValueError(f"{source!r}: num_classes={num_classes} but column {label_column!r} is a "
                              f"ClassLabel with {label_feature.num_classes} classes")
+        labels = ds["label"]
+        # a ClassLabel column may hold -1 ("no label"): unusable for training or scoring
+        bad = next((i for i, y in enumerate(labels) if not 0 <= y < label_feature.num_classes), None)
+        if bad is not None:
+            raise ValueError(f"{source!r} split {split!r}: row {bad} has label {labels[bad]} "
+                             f"outside [0, {label_feature.num_classes})")
         labels_feature = label_feature
     elif isinstance(label_feature, datasets.Value) and label_feature.dtype.startswith(("int", "uint")):
         labels = ds["label"]

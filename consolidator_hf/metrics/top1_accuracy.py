@@ -23,8 +23,12 @@ _CITATION = ""
 class Top1Accuracy(evaluate.Metric):
     """``Top1Accuracy().compute(predictions=[...], references=[...]) -> {"accuracy": float}``.
 
-    Supports ``add_batch`` accumulation like every ``evaluate`` metric.
+    Supports ``add_batch`` accumulation like every ``evaluate`` metric. Kept in memory by default
+    (``keep_in_memory=True``): no cache files, so concurrent processes (one per rank) never share one.
     """
+
+    def __init__(self, *args, keep_in_memory: bool = True, **kwargs):
+        super().__init__(*args, keep_in_memory=keep_in_memory, **kwargs)
 
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
