@@ -459,6 +459,9 @@ def _write_outputs(model: nn.Module, processor, cfg: FinetuneConfig,
     atomic_write_text(os.path.join(merged_dir, "README.md"), _model_card(cfg, metrics))
     atomic_write_text(os.path.join(out, "metrics.json"),
                       json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    ckpts = os.path.join(out, "checkpoints")
+    if os.path.isdir(ckpts) and not os.listdir(ckpts):  # the Trainer makes it even when not saving
+        os.rmdir(ckpts)
 
 
 # ---------------------------------------------------------------------- the run
