@@ -46,6 +46,8 @@ class FinetuneConfig:
     ``warmup_start_lr`` to ``learning_rate``, then cosine down to ``min_lr``.
     ``recipe="paper"`` fills the fields left at their defaults from
     :func:`consolidator_hf.recipes.paper_recipe` (``backbone`` picks the paper's recipe set).
+    ``qkv_grouping`` and ``backbone_drop_path`` (stochastic depth) go to
+    :class:`ConsolidatorConfig`, as does any key of ``consolidator_kwargs``.
     """
 
     model: str = "google/vit-base-patch16-224-in21k"
@@ -60,6 +62,9 @@ class FinetuneConfig:
     channel_shuffle: bool = False
     drop_rate: float = 0.0
     target_modules: Optional[List[str]] = None
+    qkv_grouping: str = "separate"
+    backbone_drop_path: float = 0.0
+    consolidator_kwargs: Optional[Dict[str, Any]] = None
     # LoRA (needs peft)
     lora_r: int = 8
     lora_alpha: Optional[int] = None
@@ -117,6 +122,8 @@ class FinetuneConfig:
             raise ValueError("num_train_epochs: must be > 0 (or set max_steps)")
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16: choose one")
+        if self.consolidator_kwargs is not None and not isinstance(self.consolidator_kwargs, dict):
+            raise ValueError(f"consolidator_kwargs: expected a mapping, got {self.consolidator_kwargs!r}")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"num_classes: must be >= 1, got {self.num_classes!r}")
 
@@ -140,8 +147,8 @@ def apply_recipe(cfg: FinetuneConfig) -> FinetuneConfig:
     """A copy of ``cfg`` with the paper recipe filled into every field left at its default.
 
     The recipe's dicts are applied generically: any key naming a :class:`FinetuneConfig`
-    field sets it (fields added to the recipe later flow through); other Consolidator keys
-    go to :class:`ConsolidatorConfig` via ``_consolidator_extra``.
+    field sets it (fields added to the recipe later flow through); other
+    :class:`ConsolidatorConfig` keys go into ``consolidator_kwargs`` (keys already there win).
     """
     if cfg.recipe == "custom":
         return cfg
@@ -168,9 +175,9 @@ def apply_recipe(cfg: FinetuneConfig) -> FinetuneConfig:
         elif key not in ("optimizer", "scheduler"):
             warnings.warn(f"paper recipe key {key!r} has no FinetuneConfig field; ignored",
                           stacklevel=2)
-    out = dataclasses.replace(cfg, **changes)
-    out._consolidator_extra = extra  # type: ignore[attr-defined]
-    return out
+    if extra:
+        changes["consolidator_kwargs"] = {**extra, **(cfg.consolidator_kwargs or {})}
+    return dataclasses.replace(cfg, **changes)
 
 
 def warmup_cosine_lambda(num_training_steps: int, warmup_steps: int, base_lr: float,
@@ -312,8 +319,9 @@ def wrap_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:
     if cfg.method == "consolidator":
         kwargs = dict(groups=cfg.groups, channel_shuffle=cfg.channel_shuffle,
                       drop_rate=cfg.drop_rate, target_modules=cfg.target_modules,
+                      qkv_grouping=cfg.qkv_grouping, backbone_drop_path=cfg.backbone_drop_path,
                       modules_to_save=[head], base_model_name_or_path=cfg.model)
-        kwargs.update(getattr(cfg, "_consolidator_extra", {}))
+        kwargs.update(cfg.consolidator_kwargs or {})
         return ConsolidatorModel(model, ConsolidatorConfig(**kwargs))
     if cfg.method == "linear":
         _freeze_all_but(model, lambda n, p: n.startswith(head + "."))

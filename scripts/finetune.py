@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import typing
 from typing import Any, Dict, List, Optional
@@ -44,6 +45,10 @@ _HELP = {
                "--multi_gpu --num_processes 2 ... --use-cpu)",
     "warmup_epochs": "linear warmup length in epochs (converted to steps)",
     "max_steps": "stop after this many optimizer steps (overrides the epochs)",
+    "qkv_grouping": "separate | fused: group q, k, v as one fused qkv layer, as the paper's timm ViT",
+    "backbone_drop_path": "stochastic depth on the backbone's residual branches (paper: 0.1)",
+    "consolidator_kwargs": "more ConsolidatorConfig fields as a JSON object, e.g. "
+                           "'{\"init_range\": 0.01}'",
 }
 # Hidden: sizes of the offline default (tests and quick looks), and the YAML key for `--config`.
 _OFFLINE_PREFIX = "offline_"
@@ -56,6 +61,13 @@ def _base_type(tp: Any) -> Any:
     return typing.get_origin(tp) or tp
 
 
+def _json_object(text: str) -> Dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hidden: bool = False,
                prefix: str = "") -> None:
     flag = "--" + (prefix + f.name).replace("_", "-")
@@ -66,6 +78,9 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hidden: bo
     if tp is bool:
         parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
                             default=argparse.SUPPRESS, help=help_text)
+    elif tp is dict:
+        parser.add_argument(flag, dest=dest, type=_json_object, default=argparse.SUPPRESS,
+                            help=help_text)
     elif tp in (tuple, list):
         inner = int if f.name == "groups" else str
         parser.add_argument(flag, dest=dest, nargs="+", type=inner, default=argparse.SUPPRESS,

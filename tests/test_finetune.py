@@ -47,13 +47,16 @@ def test_yaml_config_with_flag_overrides(tiny):
     out = tiny / "yaml-run"
     m = _script().main(["--config", str(tiny / "run.yaml"), "--learning-rate", "0.01",
                         "--groups", "4", "8", "--max-steps", "2", "--output-dir", str(out),
-                        "--no-channel-shuffle"])
+                        "--no-channel-shuffle", "--qkv-grouping", "fused",
+                        "--backbone-drop-path", "0.1", "--consolidator-kwargs",
+                        '{"init_range": 0.01}'])
     cfg = json.load(open(out / "metrics.json"))["config"]
     assert cfg["learning_rate"] == 0.01 and cfg["batch_size"] == 8  # flag wins, YAML kept
     assert cfg["groups"] == [4, 8] and cfg["channel_shuffle"] is False
     assert m["global_step"] == 2
     adapter_cfg = json.load(open(out / "adapter" / "consolidator_config.json"))
-    assert adapter_cfg["groups"] == [4, 8]
+    assert adapter_cfg["groups"] == [4, 8] and adapter_cfg["qkv_grouping"] == "fused"
+    assert adapter_cfg["backbone_drop_path"] == 0.1 and adapter_cfg["init_range"] == 0.01
 
 
 def test_cli_errors_name_the_problem(tiny):

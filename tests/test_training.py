@@ -203,6 +203,8 @@ def test_paper_recipe_fills_defaults_and_keeps_explicit_fields():
     assert cfg.drop_rate == r.consolidator["drop_rate"]
     assert cfg.warmup_start_lr == 1e-6 and cfg.min_lr == 1e-5 and cfg.warmup_epochs == 10
     assert cfg.preprocess == "paper" and cfg.groups == (384,)
+    assert cfg.qkv_grouping == r.consolidator["qkv_grouping"] == "fused"
+    assert cfg.backbone_drop_path == r.consolidator["backbone_drop_path"] == 0.1
     assert cfg.batch_size == 32  # given explicitly: kept
     assert apply_recipe(FinetuneConfig(task="cifar100")).learning_rate == 1e-3  # custom: untouched
     with pytest.raises(ValueError, match="task"):
