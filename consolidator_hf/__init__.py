@@ -27,7 +27,9 @@ def get_consolidator_model(model: nn.Module, config: ConsolidatorConfig) -> Cons
 
 # Data and metrics pull in datasets/evaluate: imported on first use, not with the core.
 _LAZY = {"load_vtab1k": "data", "load_image_dataset": "data", "make_transform": "data",
-         "Top1Accuracy": "metrics", "vtab_aggregate": "metrics"}
+         "Top1Accuracy": "metrics", "vtab_aggregate": "metrics",
+         # the Trainer pipeline pulls in transformers.Trainer
+         "FinetuneConfig": "training", "run_finetune": "training"}
 
 
 def __getattr__(name: str):
@@ -46,11 +48,13 @@ __all__ = [
     "ConsolidatorConfig",
     "ConsolidatorLinear",
     "ConsolidatorModel",
+    "FinetuneConfig",
     "Top1Accuracy",
     "add_backbone_drop_path",
     "convert_checkpoint",
     "drop_path_rates",
     "get_consolidator_model",
+    "run_finetune",
     "load_image_dataset",
     "load_vtab1k",
     "make_transform",

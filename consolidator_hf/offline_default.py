@@ -1,0 +1,310 @@
+"""The offline default run: real transfer on a machine with no network, in minutes on a CPU.
+
+1. **Source task.** scikit-learn's digits 0-4 (8x8, upscaled to 32x32) written in the VTAB-1k
+   on-disk format; a small ViT is pretrained on it from scratch with the same Trainer pipeline
+   (``method="full"``). The backbone is cached as a standard Hugging Face folder
+   (``ViTModel``: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``, plus
+   ``training_curve.json``), so a second run reuses it.
+2. **Target task.** The digits 5-9 (relabelled 0-4), an unseen task, in the same format with
+   VTAB-style 4:1 train/val splits (``train800`` 400 + ``val200`` 100 images; ``test`` the rest),
+   read back through :func:`consolidator_hf.data.load_vtab1k`. The cached backbone is adapted
+   with Consolidator branches and, as the baseline, with the head only (``linear``), on the
+   same data, schedule and seed.
+
+``scripts/finetune.py`` with no arguments runs :func:`run_offline_default`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+from ._io import atomic_write_text
+from .training import FinetuneConfig, run_finetune
+
+SOURCE_TASK = "digits_0to4"
+TARGET_TASK = "digits_5to9"
+SOURCE_CLASSES = (0, 1, 2, 3, 4)
+TARGET_CLASSES = (5, 6, 7, 8, 9)
+SPLITS = ("train800", "val200", "train800val200", "test")
+
+
+def default_cache_dir() -> str:
+    """``$CONSOLIDATOR_HF_CACHE``, else ``$XDG_CACHE_HOME/consolidator_hf``, else
+    ``~/.cache/consolidator_hf``."""
+    if os.environ.get("CONSOLIDATOR_HF_CACHE"):
+        return os.environ["CONSOLIDATOR_HF_CACHE"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "consolidator_hf")
+
+
+@dataclass
+class OfflineDefaultConfig:
+    """Sizes and schedules of the offline default run (the defaults are the README's run;
+    tests shrink them)."""
+
+    output_dir: str = "outputs/offline-default"
+    cache_dir: Optional[str] = None
+    seed: int = 0
+    image_size: int = 32
+    # the backbone (a small ViT)
+    hidden_size: int = 64
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    intermediate_size: int = 128
+    patch_size: int = 8
+    # source pretraining
+    source_epochs: float = 25.0
+    source_learning_rate: float = 2e-3
+    # target adaptation
+    target_epochs: float = 20.0
+    groups: Tuple[int, ...] = (32,)
+    drop_rate: float = 0.1
+    consolidator_learning_rate: float = 1e-2
+    linear_learning_rate: float = 0.2  # a head alone wants a larger step (tried 0.01, 0.05, 0.2)
+    batch_size: int = 32
+    # target split sizes (VTAB's 800/200, scaled to the ~900 images of five digit classes)
+    target_train: int = 400
+    target_val: int = 100
+    # reduce for tests: cap the images per split (None: all)
+    max_images_per_split: Optional[int] = None
+    use_cpu: bool = False
+    logging_steps: int = 10
+
+
+# ---------------------------------------------------------------------- data
+def _digit_images(image_size: int):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise ImportError("the offline default needs scikit-learn (its digits are the only images "
+                          "shipped in a PyPI package): pip install scikit-learn") from None
+    import numpy as np
+    from PIL import Image
+
+    digits = load_digits()
+    images = []
+    for a in digits.images:  # 8x8 floats in [0, 16]
+        gray = Image.fromarray((a * (255.0 / 16.0)).round().astype(np.uint8), mode="L")
+        images.append(gray.resize((image_size, image_size), Image.BICUBIC).convert("RGB"))
+    return images, digits.target
+
+
+def write_vtab_task(root: str, task: str, images, labels: List[int],
+                    splits: Dict[str, List[int]]) -> str:
+    """Write one task in the VTAB-1k on-disk format: ``<root>/<task>/<split>.txt`` with lines
+    ``images/<split>/<NNNNNN>.jpg <label>`` (``train800val200`` reuses the two parts' files)."""
+    folder = os.path.join(root, task)
+    lines: Dict[str, List[str]] = {}
+    for split in ("train800", "val200", "test"):
+        os.makedirs(os.path.join(folder, "images", split), exist_ok=True)
+        lines[split] = []
+        for j, idx in enumerate(splits[split]):
+            rel = f"images/{split}/{j:06d}.jpg"
+            images[idx].save(os.path.join(folder, rel), quality=95)
+            lines[split].append(f"{rel} {labels[idx]}")
+    lines["train800val200"] = lines["train800"] + lines["val200"]
+    for split in SPLITS:
+        atomic_write_text(os.path.join(folder, f"{split}.txt"), "\n".join(lines[split]) + "\n")
+    return folder
+
+
+def _split_indices(idx, n_train: int, n_val: int, cap: Optional[int]) -> Dict[str, List[int]]:
+    parts = {"train800": idx[:n_train], "val200": idx[n_train:n_train + n_val],
+             "test": idx[n_train + n_val:]}
+    return {k: [int(i) for i in (v[:cap] if cap is not None else v)] for k, v in parts.items()}
+
+
+def write_digit_tasks(data_dir: str, cfg: OfflineDefaultConfig) -> Dict[str, Dict[str, int]]:
+    """Write the source (digits 0-4) and target (digits 5-9) tasks; return the split sizes.
+
+    Each task keeps VTAB's 4:1 train/val ratio: the target uses ``target_train`` +
+    ``target_val`` images and tests on the rest; the source trains on 80 % of its images.
+    """
+    import numpy as np
+
+    images, target = _digit_images(cfg.image_size)
+    rng = np.random.default_rng(cfg.seed)
+    sizes: Dict[str, Dict[str, int]] = {}
+    for task, classes in ((SOURCE_TASK, SOURCE_CLASSES), (TARGET_TASK, TARGET_CLASSES)):
+        idx = np.flatnonzero(np.isin(target, classes))
+        idx = idx[rng.permutation(len(idx))]
+        if task == SOURCE_TASK:
+            n_train, n_val = int(0.64 * len(idx)), int(0.16 * len(idx))
+        else:
+            n_train, n_val = cfg.target_train, cfg.target_val
+        if n_train + n_val >= len(idx):
+            raise ValueError(f"{task}: {n_train} + {n_val} training images leave none of the "
+                             f"{len(idx)} for the test split")
+        parts = _split_indices(idx, n_train, n_val, cfg.max_images_per_split)
+        labels = [classes.index(int(t)) if int(t) in classes else -1 for t in target]
+        write_vtab_task(data_dir, task, images, labels, parts)
+        sizes[task] = {k: len(v) for k, v in parts.items()}
+    return sizes
+
+
+# ---------------------------------------------------------------------- backbone
+def backbone_name(cfg: OfflineDefaultConfig) -> str:
+    """The cache folder name: every setting that changes the pretrained weights."""
+    cap = "" if cfg.max_images_per_split is None else f"-cap{cfg.max_images_per_split}"
+    return (f"vit-digits0to4-h{cfg.hidden_size}-l{cfg.num_hidden_layers}-a{cfg.num_attention_heads}"
+            f"-i{cfg.intermediate_size}-p{cfg.patch_size}-s{cfg.image_size}-e{cfg.source_epochs:g}"
+            f"-lr{cfg.source_learning_rate:g}-b{cfg.batch_size}-seed{cfg.seed}{cap}")
+
+
+def _init_model_folder(path: str, cfg: OfflineDefaultConfig) -> None:
+    """A randomly initialised ViT classifier + its image processor, as a from_pretrained folder."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(cfg.seed)
+    config = ViTConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                       num_attention_heads=cfg.num_attention_heads,
+                       intermediate_size=cfg.intermediate_size, image_size=cfg.image_size,
+                       patch_size=cfg.patch_size, num_labels=len(SOURCE_CLASSES))
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size},
+                      image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+
+
+def pretrain_backbone(data_dir: str, cfg: OfflineDefaultConfig, cache_dir: str) -> Tuple[str, bool]:
+    """The cached source-pretrained backbone folder (pretrained now if missing); returns
+    ``(folder, reused)``. Only the main process writes the cache."""
+    from transformers import ViTForImageClassification
+
+    final = os.path.join(cache_dir, backbone_name(cfg))
+    if os.path.isfile(os.path.join(final, "model.safetensors")):
+        return final, True
+    work = os.path.join(cfg.output_dir, "pretrain")
+    init = os.path.join(work, "init")
+    if _is_main_process():
+        _init_model_folder(init, cfg)
+    _wait_for_everyone()
+    source = FinetuneConfig(
+        model=init, task=SOURCE_TASK, data_dir=data_dir, num_classes=len(SOURCE_CLASSES),
+        train_split="train800val200", eval_split="test", method="full",
+        learning_rate=cfg.source_learning_rate, weight_decay=0.05,
+        num_train_epochs=cfg.source_epochs, warmup_epochs=min(2.0, cfg.source_epochs / 4),
+        batch_size=cfg.batch_size, seed=cfg.seed, preprocess="processor",
+        output_dir=os.path.join(work, "run"), save_strategy="no", use_cpu=cfg.use_cpu,
+        logging_steps=cfg.logging_steps)
+    print(f"== pretraining the backbone on {SOURCE_TASK} (cached afterwards in {final})", flush=True)
+    metrics = run_finetune(source)
+    if _is_main_process():
+        tmp = f"{final}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        trained = ViTForImageClassification.from_pretrained(os.path.join(work, "run", "merged"))
+        # Saved without the head: a backbone folder like google/vit-base-patch16-224-in21k,
+        # so the target task always starts from a fresh classifier.
+        trained.vit.save_pretrained(tmp)
+        shutil.copy(os.path.join(work, "run", "merged", "preprocessor_config.json"), tmp)
+        curve = {"source_task": SOURCE_TASK, "source_test_accuracy": metrics["accuracy"],
+                 "loss_history": metrics["loss_history"], "epochs": metrics["epochs"],
+                 "train_runtime_s": metrics["train_runtime_s"],
+                 "num_train_examples": metrics["num_train_examples"]}
+        atomic_write_text(os.path.join(tmp, "training_curve.json"),
+                          json.dumps(curve, indent=2) + "\n")
+        os.makedirs(cache_dir, exist_ok=True)
+        if os.path.isdir(final):  # another run finished first; keep its copy
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, final)
+    _wait_for_everyone()
+    return final, False
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
+def _wait_for_everyone() -> None:
+    from accelerate import PartialState
+
+    PartialState().wait_for_everyone()
+
+
+# ---------------------------------------------------------------------- the run
+def run_offline_default(cfg: Optional[OfflineDefaultConfig] = None) -> Dict[str, Any]:
+    """Pretrain (or reuse) the backbone, adapt it to the target task with Consolidator and
+    with the head only, print both test accuracies and write ``summary.json``."""
+    cfg = cfg or OfflineDefaultConfig()
+    start = time.perf_counter()
+    cache_dir = cfg.cache_dir or default_cache_dir()
+    data_dir = os.path.join(cfg.output_dir, "vtab-digits")
+    if _is_main_process():
+        sizes = write_digit_tasks(data_dir, cfg)
+    _wait_for_everyone()
+    if not _is_main_process():
+        sizes = {}
+    backbone, reused = pretrain_backbone(data_dir, cfg, cache_dir)
+    with open(os.path.join(backbone, "training_curve.json"), encoding="utf-8") as f:
+        curve = json.load(f)
+
+    common = dict(model=backbone, task=TARGET_TASK, data_dir=data_dir,
+                  num_classes=len(TARGET_CLASSES), train_split="train800val200",
+                  eval_split="test", num_train_epochs=cfg.target_epochs,
+                  warmup_epochs=min(2.0, cfg.target_epochs / 4), weight_decay=1e-4,
+                  batch_size=cfg.batch_size, seed=cfg.seed, preprocess="processor",
+                  save_strategy="no", use_cpu=cfg.use_cpu, logging_steps=cfg.logging_steps)
+    runs = {
+        "consolidator": FinetuneConfig(method="consolidator", groups=cfg.groups,
+                                       drop_rate=cfg.drop_rate,
+                                       learning_rate=cfg.consolidator_learning_rate,
+                                       output_dir=os.path.join(cfg.output_dir, "consolidator"),
+                                       **common),
+        "linear": FinetuneConfig(method="linear", learning_rate=cfg.linear_learning_rate,
+                                 output_dir=os.path.join(cfg.output_dir, "linear"), **common),
+    }
+    results = {}
+    for name, run_cfg in runs.items():
+        print(f"== adapting the backbone to {TARGET_TASK}: {name}", flush=True)
+        results[name] = run_finetune(run_cfg)
+    elapsed = time.perf_counter() - start
+    summary = {
+        "source_task": SOURCE_TASK, "target_task": TARGET_TASK, "backbone": backbone,
+        "backbone_reused_from_cache": reused,
+        "source_test_accuracy": curve["source_test_accuracy"], "split_sizes": sizes,
+        "results": {k: {"accuracy": v["accuracy"], "trainable_params": v["trainable_params"],
+                        "stored_params": v["stored_params"],
+                        "train_runtime_s": v["train_runtime_s"],
+                        "output_dir": runs[k].output_dir}
+                    for k, v in results.items()},
+        "total_runtime_s": round(elapsed, 1), "config": _as_dict(cfg),
+    }
+    if _is_main_process():
+        atomic_write_text(os.path.join(cfg.output_dir, "summary.json"),
+                          json.dumps(summary, indent=2) + "\n")
+        print(format_summary(summary), flush=True)
+    return summary
+
+
+def _as_dict(cfg: OfflineDefaultConfig) -> Dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d["groups"] = list(cfg.groups)
+    return d
+
+
+def format_summary(summary: Dict[str, Any]) -> str:
+    r = summary["results"]
+    n_test = r and summary["split_sizes"].get(TARGET_TASK, {}).get("test")
+    lines = [
+        "",
+        f"Offline default: backbone pretrained on {SOURCE_TASK} "
+        f"(test accuracy {100 * summary['source_test_accuracy']:.1f} %"
+        f"{', reused from cache' if summary['backbone_reused_from_cache'] else ''}), "
+        f"adapted to {TARGET_TASK} ({n_test} test images)",
+        f"{'method':<14}{'test top-1':>12}{'trainable':>12}{'stored':>10}{'train s':>10}",
+    ]
+    for name, v in r.items():
+        lines.append(f"{name:<14}{100 * v['accuracy']:>11.1f}%{v['trainable_params']:>12,}"
+                     f"{v['stored_params']:>10,}{v['train_runtime_s']:>10.1f}")
+    lines.append(f"total time {summary['total_runtime_s']:.0f} s; outputs in "
+                 f"{os.path.dirname(r['consolidator']['output_dir'])}/")
+    return "\n".join(lines)

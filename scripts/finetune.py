@@ -1,0 +1,150 @@
+"""Fine-tune a vision transformer with Consolidator (or a baseline method) through the HF Trainer.
+
+    accelerate launch scripts/finetune.py                      # the offline default run
+    accelerate launch scripts/finetune.py --task cifar100 --data-dir data/vtab-1k \\
+        --model google/vit-base-patch16-224-in21k --recipe paper
+    accelerate launch scripts/finetune.py --config configs/vtab/cifar100.yaml --learning-rate 1e-3
+    python scripts/finetune.py ...                             # the same, one process
+
+Every flag mirrors a field of ``consolidator_hf.training.FinetuneConfig``; ``--config`` reads
+fields from YAML, and flags given on the command line override it. With no ``--task`` and no
+``--config`` the script runs the offline default (``consolidator_hf.offline_default``): a small
+ViT pretrained on scikit-learn's digits 0-4, adapted to digits 5-9 with Consolidator and with
+the head only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+from consolidator_hf.offline_default import OfflineDefaultConfig, run_offline_default
+from consolidator_hf.training import METHODS, PREPROCESS, RECIPES, FinetuneConfig, run_finetune
+
+_HELP = {
+    "model": "backbone: a folder or Hub id (e.g. google/vit-base-patch16-224-in21k)",
+    "task": "VTAB-1k task (training or folder name) under --data-dir",
+    "data_dir": "the vtab-1k folder (<data-dir>/<task>/{train800,val200,train800val200,test}.txt)",
+    "num_classes": "class count, for tasks that are not in the VTAB-1k registry",
+    "method": f"what trains: {', '.join(METHODS)}",
+    "groups": "Consolidator group count per branch (one branch per value)",
+    "preprocess": f"{' | '.join(PREPROCESS)}: the backbone's image processor, or the paper's "
+                  "bicubic resize + ImageNet mean/std",
+    "recipe": f"{' | '.join(RECIPES)}: 'paper' fills the options you do not give from the "
+              "paper's per-task recipe",
+    "backbone": "which paper recipe set: vit_b16_in21k or mocov3_vit_b16",
+    "resume_from_checkpoint": "a checkpoint folder, or 'last' for the newest under "
+                              "<output-dir>/checkpoints",
+    "use_cpu": "train on the CPU (needed for multi-process CPU runs: accelerate launch "
+               "--multi_gpu --num_processes 2 ... --use-cpu)",
+    "warmup_epochs": "linear warmup length in epochs (converted to steps)",
+    "max_steps": "stop after this many optimizer steps (overrides the epochs)",
+    "qkv_grouping": "separate | fused: group q, k, v as one fused qkv layer, as the paper's timm ViT",
+    "backbone_drop_path": "stochastic depth on the backbone's residual branches (paper: 0.1)",
+    "consolidator_kwargs": "more ConsolidatorConfig fields as a JSON object, e.g. "
+                           "'{\"init_range\": 0.01}'",
+}
+# Hidden: sizes of the offline default (tests and quick looks), and the YAML key for `--config`.
+_OFFLINE_PREFIX = "offline_"
+
+
+def _base_type(tp: Any) -> Any:
+    """``Optional[X]`` -> ``X``; ``Tuple[int, ...]`` -> ``tuple``."""
+    if typing.get_origin(tp) is typing.Union:
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return typing.get_origin(tp) or tp
+
+
+def _json_object(text: str) -> Dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hidden: bool = False,
+               prefix: str = "") -> None:
+    flag = "--" + (prefix + f.name).replace("_", "-")
+    tp = _base_type(typing.get_type_hints(FinetuneConfig).get(f.name)
+                    if not prefix else typing.get_type_hints(OfflineDefaultConfig)[f.name])
+    help_text = argparse.SUPPRESS if hidden else _HELP.get(f.name, f"(default: {f.default!r})")
+    dest = prefix + f.name
+    if tp is bool:
+        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=help_text)
+    elif tp is dict:
+        parser.add_argument(flag, dest=dest, type=_json_object, default=argparse.SUPPRESS,
+                            help=help_text)
+    elif tp in (tuple, list):
+        inner = int if f.name == "groups" else str
+        parser.add_argument(flag, dest=dest, nargs="+", type=inner, default=argparse.SUPPRESS,
+                            help=help_text)
+    else:
+        choices = {"method": METHODS, "preprocess": PREPROCESS, "recipe": RECIPES,
+                   "save_strategy": ("no", "epoch", "steps")}.get(f.name) if not prefix else None
+        parser.add_argument(flag, dest=dest, type=tp, default=argparse.SUPPRESS, help=help_text,
+                            choices=choices)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="With no --task and no --config: the offline default run (digits 0-4 -> 5-9).")
+    p.add_argument("--config", help="YAML file of FinetuneConfig fields; flags override it")
+    for f in dataclasses.fields(FinetuneConfig):
+        _add_field(p, f)
+    for f in dataclasses.fields(OfflineDefaultConfig):
+        if f.name not in ("output_dir", "use_cpu"):
+            _add_field(p, f, hidden=True, prefix=_OFFLINE_PREFIX)
+    return p
+
+
+def read_yaml(path: str) -> Dict[str, Any]:
+    with open(path, encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise SystemExit(f"{path}: expected a mapping of FinetuneConfig fields")
+    # accept either spelling of keys (learning-rate / learning_rate)
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    args = vars(build_parser().parse_args(argv))
+    config_path = args.pop("config", None)
+    offline = {k[len(_OFFLINE_PREFIX):]: args.pop(k) for k in list(args)
+               if k.startswith(_OFFLINE_PREFIX)}
+    fields: Dict[str, Any] = read_yaml(config_path) if config_path else {}
+    fields.update(args)  # command-line flags win over the YAML file
+    if "task" not in fields:
+        extra = set(fields) - {"output_dir", "use_cpu", "logging_steps"}
+        if extra:
+            raise SystemExit(f"--task is required with {sorted(extra)} (no task: the offline "
+                             "default run, which takes only --output-dir and --use-cpu)")
+        for key in ("output_dir", "use_cpu", "logging_steps"):
+            if key in fields:
+                offline[key] = fields[key]
+        if "groups" in offline:
+            offline["groups"] = tuple(offline["groups"])
+        return run_offline_default(OfflineDefaultConfig(**offline))
+    if offline:
+        raise SystemExit(f"{sorted(offline)}: options of the offline default, not of a --task run")
+    try:
+        cfg = FinetuneConfig.from_dict(fields)
+    except (TypeError, ValueError) as e:
+        raise SystemExit(f"finetune.py: {e}") from None
+    metrics = run_finetune(cfg)
+    print(f"{cfg.task} {cfg.method}: test top-1 {100 * metrics['accuracy']:.2f} % "
+          f"({metrics['trainable_params']:,} trainable, {metrics['stored_params']:,} stored "
+          f"parameters, {metrics['train_runtime_s']:.0f} s); outputs in {cfg.output_dir}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,36 @@
+"""Tiny VTAB-format folders and tiny "pretrained" backbones saved to disk (no Hub)."""
+
+import os
+
+import numpy as np
+from PIL import Image
+from transformers import ViTImageProcessor
+
+from consolidator_hf.offline_default import write_vtab_task
+from tiny import tiny_vit
+
+
+def write_tiny_vtab(root, task="tiny_task", num_classes=3, sizes=(24, 6, 12), seed=0):
+    """A learnable task: class c is a noisy image whose colour channel c is bright.
+    ``sizes``: images in train800, val200 and test."""
+    rng = np.random.default_rng(seed)
+    n = sum(sizes)
+    labels = [i % num_classes for i in range(n)]
+    images = []
+    for label in labels:
+        a = rng.integers(0, 90, size=(16, 16, 3))
+        a[..., label % 3] += 160
+        images.append(Image.fromarray(a.clip(0, 255).astype(np.uint8)))
+    order = rng.permutation(n)
+    a, b = sizes[0], sizes[0] + sizes[1]
+    splits = {"train800": list(order[:a]), "val200": list(order[a:b]), "test": list(order[b:])}
+    return write_vtab_task(str(root), task, images, labels, splits)
+
+
+def save_tiny_backbone(path, seed=0, num_labels=3):
+    """A tiny ViT classifier + its image processor, as a from_pretrained folder."""
+    model = tiny_vit(seed=seed, num_labels=num_labels)
+    model.save_pretrained(path)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3,
+                      image_std=[0.5] * 3).save_pretrained(path)
+    return str(path)
