@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """Write configs/vtab/<backbone>/<task>.yaml for the 19 VTAB-1k tasks from the registry.
 
-One file per task and backbone set, holding ``FinetuneConfig`` fields: the paper's per-task
-learning rate, weight decay and branch drop rate (``consolidator_hf/data/vtab1k.json``) and the
-shared recipe (groups, epochs, batch size, warmup). The generated files are committed;
+One file per task and backbone set, holding ``FinetuneConfig`` fields: the whole paper recipe
+(``consolidator_hf.recipes.paper_recipe``: the per-task learning rate, weight decay and branch drop
+rate from ``consolidator_hf/data/vtab1k.json``, groups, fused qkv grouping, backbone stochastic
+depth, epochs, batch size, warmup and min lr). The generated files are committed;
 ``tests/test_configs.py`` checks that rerunning this script reproduces them byte for byte.
 
     python scripts/make_configs.py                 # rewrite configs/vtab/
@@ -19,7 +20,8 @@ from typing import Dict, List
 import yaml
 
 from consolidator_hf._io import atomic_write_text
-from consolidator_hf.data import BACKBONES, get_task, shared_recipe, tasks
+from consolidator_hf.data import BACKBONES, shared_recipe, tasks
+from consolidator_hf.recipes import paper_recipe
 
 # The Hub checkpoint of each backbone set; MoCo v3 has no Hugging Face checkpoint, so its configs
 # name a local folder holding the converted ViT-B/16 backbone (see the README), which
@@ -28,28 +30,27 @@ MODELS: Dict[str, str] = {
     "vit_b16_in21k": "google/vit-base-patch16-224-in21k",
     "mocov3_vit_b16": "checkpoints/mocov3_vit_b16",
 }
-WARMUP_EPOCHS = 10  # the registry's schedule: "cosine, 10 warmup epochs from 1e-6, min lr 1e-5"
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+# FinetuneConfig has no optimizer/scheduler fields: the Trainer's AdamW and the recipe's
+# warmup + cosine-to-min-lr schedule are what it always uses.
+_NOT_FIELDS = ("optimizer", "scheduler")
 
 
 def task_config(task: str, backbone: str) -> Dict[str, object]:
-    """The ``FinetuneConfig`` fields of one task under one backbone set (key order = file order)."""
-    shared = shared_recipe()
-    recipe = get_task(task).recipe(backbone)
+    """The ``FinetuneConfig`` fields of one task under one backbone set (key order = file order):
+    the whole of :func:`consolidator_hf.recipes.paper_recipe`, so a config alone reproduces it."""
+    recipe = paper_recipe(task, backbone)
+    adapter = dict(recipe.consolidator)
+    adapter["groups"] = [int(g) for g in adapter["groups"]]
+    training = {k: v for k, v in recipe.training.items() if k not in _NOT_FIELDS}
     return {
         "task": task,
         "model": MODELS[backbone],
         "method": "consolidator",
-        "groups": [int(g) for g in shared["groups"]],
-        "channel_shuffle": bool(shared["channel_shuffle"]),
-        "drop_rate": float(recipe["drop_rate"]),
-        "learning_rate": float(recipe["learning_rate"]),
-        "weight_decay": float(recipe["weight_decay"]),
-        "num_train_epochs": int(shared["epochs"]),
-        "batch_size": int(shared["batch_size"]),
-        "warmup_epochs": WARMUP_EPOCHS,
-        "preprocess": "paper",
-        "image_size": int(shared["image_size"]),
+        **adapter,
+        **training,
+        "preprocess": recipe.preprocess,
+        "image_size": int(shared_recipe()["image_size"]),
         "train_split": "train800val200",
         "eval_split": "test",
     }

@@ -7,16 +7,13 @@ import pytest
 import yaml
 
 from consolidator_hf.data import BACKBONES, get_task, shared_recipe, task_names
+from consolidator_hf.training import FinetuneConfig
 from script_module import load_script
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 VTAB = os.path.join(ROOT, "configs", "vtab")
 ACCELERATE = os.path.join(ROOT, "configs", "accelerate")
-# FinetuneConfig field names fixed by the issue-7 interfaces
-FIELDS = {"model", "task", "data_dir", "num_classes", "train_split", "eval_split", "method", "groups",
-          "channel_shuffle", "drop_rate", "learning_rate", "weight_decay", "num_train_epochs", "batch_size",
-          "warmup_epochs", "seed", "output_dir", "preprocess", "image_size", "recipe", "bf16", "fp16",
-          "gradient_accumulation_steps", "resume_from_checkpoint", "lora_r"}
+FIELDS = {f.name for f in dataclasses.fields(FinetuneConfig)}
 
 
 def test_regenerating_the_configs_gives_identical_files(tmp_path, capsys):
@@ -42,6 +39,9 @@ def test_configs_hold_the_registry_recipe(backbone):
             (recipe["learning_rate"], recipe["weight_decay"], recipe["drop_rate"])
         assert cfg["groups"] == shared["groups"] == [384] and cfg["channel_shuffle"] is False
         assert (cfg["num_train_epochs"], cfg["batch_size"], cfg["warmup_epochs"]) == (100, 64, 10)
+        assert (cfg["warmup_start_lr"], cfg["min_lr"]) == (1e-6, 1e-5)
+        assert (cfg["qkv_grouping"], cfg["backbone_drop_path"]) == \
+            ("fused", shared["backbone_stochastic_depth"])
         assert (cfg["preprocess"], cfg["image_size"]) == ("paper", 224)
         assert (cfg["train_split"], cfg["eval_split"]) == ("train800val200", "test")
         expected_model = {"vit_b16_in21k": "google/vit-base-patch16-224-in21k",
@@ -53,11 +53,18 @@ def test_configs_hold_the_registry_recipe(backbone):
     assert (a["weight_decay"], a["drop_rate"]) != (b["weight_decay"], b["drop_rate"])
 
 
-def test_configs_use_finetune_config_fields():
-    training = pytest.importorskip("consolidator_hf.training", reason="FinetuneConfig lands with issue 7b")
-    fields = {f.name for f in dataclasses.fields(training.FinetuneConfig)}
-    for path in glob.glob(os.path.join(VTAB, "*", "*.yaml")):
-        assert set(yaml.safe_load(open(path))) <= fields, path
+def test_configs_are_the_paper_recipe_as_finetune_config():
+    """A config alone gives the same run settings as --recipe paper."""
+    from consolidator_hf.training import apply_recipe
+
+    for path in glob.glob(os.path.join(VTAB, "vit_b16_in21k", "*.yaml")):
+        cfg = yaml.safe_load(open(path))
+        cfg["groups"] = tuple(cfg["groups"])
+        from_file = FinetuneConfig(**cfg)
+        via_recipe = apply_recipe(FinetuneConfig(task=cfg["task"], recipe="paper"))
+        for f in dataclasses.fields(FinetuneConfig):
+            if f.name in cfg and f.name != "image_size":  # the recipe leaves the size to the model
+                assert getattr(from_file, f.name) == getattr(via_recipe, f.name), (path, f.name)
 
 
 @pytest.mark.parametrize("name, distributed, use_cpu, processes", [
