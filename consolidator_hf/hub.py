@@ -511,29 +511,31 @@ def save_adapter(
 # ---------------------------------------------------------------------- Hub uploads
 def _redact(text: str, token: Optional[str]) -> str:
     for secret in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
-        if secret:
+        if secret and len(secret) >= 8:  # a short "secret" would mangle ordinary words
             text = text.replace(secret, "***")
     return text
 
 
 def _describe_error(e: BaseException) -> str:
+    """One line: the exception and its causes (e.g. LFS upload -> HTTP error), without repeats."""
     from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
     if isinstance(e, OfflineModeIsEnabled):
         return "HF_HUB_OFFLINE is set: unset it (or set HF_HUB_OFFLINE=0) to upload"
-    parts = []
-    seen = set()
-    while e is not None and id(e) not in seen:  # the cause chain, e.g. LFS upload -> HTTP error
-        seen.add(id(e))
-        msg = str(e).strip().splitlines()
-        text = f"{type(e).__name__}: {' '.join(m.strip() for m in msg if m.strip())}"
-        if isinstance(e, HfHubHTTPError) and e.response is not None:
-            status = e.response.status_code
-            if status == 401:
+    parts: List[str] = []
+    seen_ids, seen_msgs = set(), []
+    while e is not None and id(e) not in seen_ids:
+        seen_ids.add(id(e))
+        msg = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        if not any(msg in m for m in seen_msgs):
+            text = f"{type(e).__name__}: {msg}"
+            if isinstance(e, HfHubHTTPError) and e.response is not None \
+                    and e.response.status_code == 401:
                 text += " (authentication failed: pass token=, set HF_TOKEN or run `hf auth login`)"
-            elif status == 403:
-                text += " (the token has no write access to this namespace)"
-        parts.append(text)
+            parts.append(text)
+            seen_msgs.append(msg)
+        if isinstance(e, HfHubHTTPError):
+            break  # its cause is the raw HTTP error it already describes
         e = e.__cause__ or e.__context__
     return " <- ".join(parts)
 
@@ -546,13 +548,30 @@ def _hub_step(step: str, repo_id: str, token: Optional[str], endpoint: str, fn: 
         raise HubError(f"could not {step} for Hub repo {repo_id!r} at {endpoint}: {detail}") from None
 
 
+def _check_can_upload(repo_id: str) -> None:
+    """Fail before any (possibly long) merge: a malformed repo id, or offline mode."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        if not isinstance(repo_id, str):
+            raise HFValidationError(f"expected a string, got {type(repo_id).__name__}")
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise ValueError(f"repo_id: {repo_id!r} is not a valid Hub repo id "
+                         f"('namespace/name'): {e}") from None
+    if constants.is_offline_mode():
+        raise HubError(f"cannot upload to Hub repo {repo_id!r}: HF_HUB_OFFLINE is set (unset it or "
+                       "set HF_HUB_OFFLINE=0 to upload)")
+
+
 def _upload_folder(folder: str, repo_id: str, *, private: bool, token: Optional[str],
                    commit_message: str, revision: Optional[str]) -> str:
     """``create_repo`` (exist_ok) + optional branch + one commit of every file in ``folder``."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    if not isinstance(repo_id, str) or not repo_id.strip() or repo_id.count("/") > 1:
-        raise ValueError(f"repo_id: expected 'namespace/name' (or 'name'), got {repo_id!r}")
+    _check_can_upload(repo_id)
     api = HfApi(token=token)
     endpoint = api.endpoint
     _hub_step("create the repository", repo_id, token, endpoint,
@@ -589,6 +608,7 @@ def push_merged(
     a training script needs, e.g. ``push_merged(model, args.push_to_hub, metrics=metrics)``.
     """
     model = _require_consolidator(model, "push_merged")
+    _check_can_upload(repo_id)
     with tempfile.TemporaryDirectory(prefix="consolidator-push-") as tmp:
         folder = save_merged(model, os.path.join(tmp, "merged"), image_processor=image_processor,
                              metrics=metrics, dataset=dataset, base_model=base_model,
@@ -607,6 +627,7 @@ def push_adapter(
     """Upload only the adapter files (what :func:`save_adapter` writes) and their card; return
     the commit URL. ``ConsolidatorModel.from_pretrained(base, repo_id)`` loads them back."""
     model = _require_consolidator(model, "push_adapter")
+    _check_can_upload(repo_id)
     with tempfile.TemporaryDirectory(prefix="consolidator-push-") as tmp:
         folder = save_adapter(model, os.path.join(tmp, "adapter"), metrics=metrics,
                               dataset=dataset, base_model=base_model, epochs=epochs,

@@ -439,9 +439,10 @@ class HubHandler(BaseHTTPRequestHandler):
 class MiniHub:
     """``with MiniHub() as hub:`` serves on 127.0.0.1 at a free port; ``hub.url`` is the endpoint."""
 
-    def __init__(self, token: Optional[str] = None, lfs_threshold: int = LFS_THRESHOLD) -> None:
+    def __init__(self, token: Optional[str] = None, lfs_threshold: int = LFS_THRESHOLD,
+                 port: int = 0) -> None:
         self.state = HubState(token=token, lfs_threshold=lfs_threshold)
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), HubHandler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), HubHandler)
         self._server.daemon_threads = True
         self._server.state = self.state  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -464,9 +465,14 @@ class MiniHub:
         self.stop()
 
 
-if __name__ == "__main__":  # python tests/hub_server.py: serve until interrupted
-    hub = MiniHub().start()
-    print(f"MiniHub serving at {hub.url} (HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1)")
+if __name__ == "__main__":  # python tests/hub_server.py [--port N]: serve until interrupted
+    import argparse
+
+    parser = argparse.ArgumentParser(description="a local Hub-compatible server for trying uploads")
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    hub = MiniHub(port=parser.parse_args().port).start()
+    print(f"MiniHub serving at {hub.url} (set HF_ENDPOINT={hub.url} HF_HUB_DISABLE_XET=1)",
+          flush=True)
     try:
         while True:
             time.sleep(3600)

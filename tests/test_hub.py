@@ -292,6 +292,17 @@ def test_failed_upload_raises_clear_error_and_leaves_nothing(hub, tmp_path, monk
         push_adapter(model, "ns/other", token="hf_wrong_token")
     assert os.listdir(staging) == []
 
+    del hub.state.fail["commit"]
+    hub.state.lfs_threshold = 1  # every file through LFS, and the storage refuses the upload
+    hub.state.fail["lfs_put"] = 403
+    with pytest.raises(HubError, match=r"upload the files and commit.*Error while uploading .*403"):
+        push_adapter(model, "ns/lfs-refused", token=TOKEN)
+    assert os.listdir(staging) == [] and hub.state.lfs_uploads == []
+    assert set(hub.state.files("ns/lfs-refused")) == {".gitattributes"}
+
+    with pytest.raises(ValueError, match="repo_id"):
+        push_merged(model, "ns/bad name/x", token=TOKEN)
+
     hub.stop()  # nothing listens any more
     with pytest.raises(HubError, match=r"could not create the repository for Hub repo 'ns/x' at http"):
         push_merged(model, "ns/x", token=TOKEN)
