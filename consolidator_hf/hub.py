@@ -34,7 +34,6 @@ from .model import ConsolidatorModel
 logger = logging.getLogger(__name__)
 
 CARD_NAME = "README.md"
-PROCESSOR_NAME = "preprocessor_config.json"
 ADAPTER_LIBRARY_NAME = "consolidator_hf"
 BASE_TAGS = ("consolidator", "vision", "image-classification")
 
@@ -362,9 +361,8 @@ with torch.no_grad():
 print(model.config.id2label[int(logits.argmax(-1))])
 ```"""
     else:
-        base_line = (f'ViTForImageClassification.from_pretrained("{base}", num_labels={num_labels})'
-                     if base else f"ViTForImageClassification.from_pretrained(<the base model>, "
-                                  f"num_labels={num_labels})")
+        base_ref = f'"{base}"' if base else '"<the base model>"'
+        base_line = f"{arch}.from_pretrained({base_ref}, num_labels={num_labels})"
         intro = (
             f"A **Consolidator** adapter (Hao et al., ICLR 2023) for `{arch}`"
             f"{f' on `{dataset}`' if dataset else ''}: only what training changed, stored after "
@@ -374,12 +372,12 @@ print(model.config.id2label[int(logits.argmax(-1))])
             f"`{arch}` with no inference overhead."
         )
         usage = f"""```python
-from transformers import ViTForImageClassification
+from transformers import {arch}
 from consolidator_hf import ConsolidatorModel
 
 base = {base_line}
-model = ConsolidatorModel.from_pretrained(base, "{load_id}")
-merged = model.eval().merge_and_unload()  # a plain {arch}
+model = ConsolidatorModel.from_pretrained(base, "{load_id}")  # is_trainable=True to train on
+merged = model.merge_and_unload()  # a plain {arch}
 ```"""
     sections = [f"# {name}", intro, "## How to use", usage, "## Training", table]
     if results:
