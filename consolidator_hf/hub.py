@@ -39,14 +39,21 @@ BASE_TAGS = ("consolidator", "vision", "image-classification")
 
 MetricsLike = Union[Mapping[str, Any], PathLike, None]
 
-# Image preprocessing presets for the default image processor (see default_image_processor).
-PREPROCESS_PRESETS: Dict[str, Dict[str, Any]] = {
-    # google/vit-base-patch16-224-in21k's own processor: bilinear resize, mean/std 0.5.
-    "vit": {"resample": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
-    # The paper's VTAB recipe: bicubic resize, ImageNet mean/std.
-    "paper": {"resample": 3, "image_mean": [0.485, 0.456, 0.406],
-              "image_std": [0.229, 0.224, 0.225]},
-}
+# Presets of the default image processor (see default_image_processor):
+# "vit" = google/vit-base-patch16-224-in21k's own processor (bilinear, mean/std 0.5);
+# "paper" = the paper's VTAB recipe (bicubic, ImageNet mean/std from the registry).
+PREPROCESS_PRESETS: Tuple[str, ...] = ("vit", "paper")
+
+
+def _preset(name: str) -> Dict[str, Any]:
+    if name == "vit":
+        return {"resample": 2, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
+    from .data.registry import shared_recipe
+
+    shared = shared_recipe()
+    return {"resample": 3, "image_mean": list(shared["normalize_mean"]),
+            "image_std": list(shared["normalize_std"])}
+
 _RESAMPLE_NAMES = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic", 4: "box", 5: "hamming"}
 
 CITATION = """@inproceedings{hao2023consolidator,
@@ -95,7 +102,7 @@ def default_image_processor(image_size: Union[int, Tuple[int, int]], preprocess:
     h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
     return processor_class(do_resize=True, size={"height": int(h), "width": int(w)},
                            do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-                           **PREPROCESS_PRESETS[preprocess])
+                           **_preset(preprocess))
 
 
 def _resolve_image_processor(image_processor: Any, model: ConsolidatorModel):
@@ -216,14 +223,14 @@ def _hub_base_model(model: ConsolidatorModel, base_model: Optional[str]) -> Opti
 
 
 def _vtab_task(dataset: Optional[str]) -> Optional[str]:
-    if not dataset:
+    """The VTAB-1k task ``dataset`` names: a bare task name (``cifar100``, ``cifar``) or a
+    VTAB-named id (``vtab-1k-dtd``). ``uoft-cs/cifar100`` is the full dataset, not VTAB-1k."""
+    if not dataset or ("/" in dataset and "vtab" not in dataset.lower()):
         return None
-    try:
-        from .data import get_task
-    except ImportError:
-        return None
-    name = dataset.split("/")[-1]
-    for candidate in (name, name.replace("vtab-1k-", "").replace("vtab1k_", "")):
+    from .data.registry import get_task
+
+    name = dataset.split("/")[-1].lower()
+    for candidate in (name, re.sub(r"^vtab[-_]?1k[-_]", "", name)):
         try:
             return get_task(candidate).name
         except ValueError:

@@ -429,6 +429,9 @@ def test_load_metrics_from_trainer_style_json(tmp_path):
     splits = {(r.metric_type, r.dataset_split): r.metric_value for r in card.data.eval_results}
     assert splits == {("accuracy", "test"): 0.75, ("accuracy", None): 0.7}
     assert "vtab" in card.data.tags and "| epochs | 3 |" in card.text
+    full = build_model_card(tiny_model(), metrics={"accuracy": 0.5}, dataset="uoft-cs/cifar100")
+    assert "vtab" not in full.data.tags  # the full CIFAR-100, not its VTAB-1k subset
+    assert full.data.eval_results[0].dataset_name == "uoft-cs/cifar100"
     (tmp_path / "bad.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="bad.json"):
         load_metrics(tmp_path / "bad.json")
