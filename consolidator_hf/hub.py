@@ -168,34 +168,41 @@ def load_metrics(metrics: MetricsLike) -> Dict[str, Any]:
     return flat
 
 
-# Trainer bookkeeping that is not a quality metric.
-_NOT_METRICS = re.compile(r"(^|_)(runtime|samples_per_second|steps_per_second|total_flos|"
-                          r"epoch|epochs|step|global_step)$")
+# Quality metrics go into the card's model-index; everything else a metrics file may hold
+# (runtimes, parameter counts, image size, the run's config...) stays out.
+_QUALITY_METRIC = re.compile(r"(^|_)(accuracy|acc|top\d+|top_\d+|f1|precision|recall|auc|roc_auc|"
+                             r"loss|error|error_rate|mae|mse|rmse|iou|miou|map|mcc)($|_)")
 _SPLIT_PREFIXES = (("test_", "test"), ("eval_", None), ("validation_", "validation"),
                    ("val_", "validation"))
 
 
 def _split_metrics(flat: Mapping[str, Any]) -> Tuple[List[Tuple[str, Optional[str], float]],
                                                        Optional[float]]:
-    """``[(metric, split, value)]`` of the numeric quality metrics, and the epoch count."""
+    """``[(metric, split, value)]`` of the numeric quality metrics, and the epoch count.
+
+    ``eval_``/unprefixed metrics get the split named by an ``eval_split`` entry (as
+    ``scripts/finetune.py``'s ``metrics.json`` has), ``test_`` ones split ``test``.
+    """
     epochs = None
     for key in ("epoch", "epochs", "num_train_epochs", "train_epoch"):
         v = flat.get(key)
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             epochs = float(v)
             break
+    eval_split = flat.get("eval_split") if isinstance(flat.get("eval_split"), str) else None
     results = []
     for key, value in flat.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
-        if key.startswith("train_") or _NOT_METRICS.search(key) or not math.isfinite(value):
+        if key.startswith(("train_", "config_")) or not math.isfinite(value):
             continue
-        name, split = key, None
+        name, split = key, eval_split
         for prefix, split_name in _SPLIT_PREFIXES:
             if key.startswith(prefix):
-                name, split = key[len(prefix):], split_name
+                name, split = key[len(prefix):], split_name or eval_split
                 break
-        results.append((name, split, float(value)))
+        if _QUALITY_METRIC.search(name):
+            results.append((name, split, float(value)))
     return results, epochs
 
 
@@ -281,8 +288,11 @@ def build_model_card(
     cfg = model.consolidator_config
     counts = counts or _training_counts(model)
     base = _hub_base_model(model, base_model)
+    flat = load_metrics(metrics)
+    if dataset is None and isinstance(flat.get("task"), str):
+        dataset = flat["task"]  # scripts/finetune.py's metrics.json names its task
     task = _vtab_task(dataset)
-    results, metric_epochs = _split_metrics(load_metrics(metrics))
+    results, metric_epochs = _split_metrics(flat)
     epochs = epochs if epochs is not None else metric_epochs
     name = model_name or (repo_id.split("/")[-1] if repo_id else None) or \
         f"{type(model.base_model).__name__}-consolidator"

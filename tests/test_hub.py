@@ -432,6 +432,19 @@ def test_load_metrics_from_trainer_style_json(tmp_path):
     full = build_model_card(tiny_model(), metrics={"accuracy": 0.5}, dataset="uoft-cs/cifar100")
     assert "vtab" not in full.data.tags  # the full CIFAR-100, not its VTAB-1k subset
     assert full.data.eval_results[0].dataset_name == "uoft-cs/cifar100"
+    # scripts/finetune.py's metrics.json: counts, sizes and the run's config are not metrics;
+    # its eval_split and task fill the split and the dataset.
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "task": "cifar100", "method": "consolidator", "accuracy": 0.875, "eval_loss": 0.4,
+        "eval_split": "test", "epochs": 5.0, "trainable_params": 1234, "stored_params": 999,
+        "image_size": 224, "world_size": 1, "train_runtime_s": 12.5, "global_step": 80,
+        "loss_history": [[10, 2.1], [20, 1.7]], "config": {"learning_rate": 1e-3, "seed": 42}}))
+    card = build_model_card(tiny_model(), metrics=tmp_path / "metrics.json")
+    results = {(r.metric_type, r.dataset_split, r.dataset_type): r.metric_value
+               for r in card.data.eval_results}
+    assert results == {("accuracy", "test", "cifar100"): 0.875, ("loss", "test", "cifar100"): 0.4}
+    assert card.data.datasets == ["cifar100"] and "vtab" in card.data.tags
+    assert "| epochs | 5 |" in card.text
     (tmp_path / "bad.json").write_text("[1, 2")
     with pytest.raises(ValueError, match="bad.json"):
         load_metrics(tmp_path / "bad.json")
