@@ -523,6 +523,34 @@ def save_adapter(
     return path
 
 
+def load_for_publishing(
+    base_model: PathLike, adapter: PathLike, *, base_revision: Optional[str] = None,
+    adapter_revision: Optional[str] = None, token: Optional[str] = None,
+) -> ConsolidatorModel:
+    """A base model (folder or Hub id) with a trained adapter (folder or Hub id) on top, in
+    eval mode: what ``scripts/push_merged.py`` and a training script publish.
+
+    The base is loaded with ``AutoModelForImageClassification`` and the adapter's number of
+    classes (read from its stored classifier), so a backbone checkpoint without a head works;
+    the adapter's head replaces the base's.
+    """
+    from transformers import AutoModelForImageClassification
+
+    from ._io import load_safetensors, resolve_file
+    from .config import WEIGHTS_NAME
+
+    tensors, _ = load_safetensors(resolve_file(adapter, WEIGHTS_NAME, revision=adapter_revision,
+                                               token=token))
+    heads = [t for k, t in tensors.items() if k.endswith("classifier.weight")]
+    kwargs: Dict[str, Any] = {}
+    if len(heads) == 1:
+        kwargs = {"num_labels": int(heads[0].shape[0]), "ignore_mismatched_sizes": True}
+    base = AutoModelForImageClassification.from_pretrained(
+        os.fspath(base_model), revision=base_revision, token=token, **kwargs)
+    return ConsolidatorModel.from_pretrained(base, adapter, revision=adapter_revision,
+                                             token=token, is_trainable=False).eval()
+
+
 # ---------------------------------------------------------------------- Hub uploads
 def _redact(text: str, token: Optional[str]) -> str:
     for secret in (token, os.environ.get("HF_TOKEN"), os.environ.get("HUGGING_FACE_HUB_TOKEN")):
@@ -656,6 +684,7 @@ __all__ = [
     "HubError",
     "build_model_card",
     "default_image_processor",
+    "load_for_publishing",
     "load_metrics",
     "push_adapter",
     "push_merged",

@@ -24,10 +24,10 @@ import os
 import sys
 from typing import Dict, Optional
 
-from consolidator_hf import ConsolidatorModel, HubError, WEIGHTS_NAME
-from consolidator_hf._io import load_safetensors, resolve_file
+from consolidator_hf import HubError
 from consolidator_hf.hub import (
     PREPROCESS_PRESETS,
+    load_for_publishing,
     push_adapter,
     push_merged,
     save_adapter,
@@ -67,13 +67,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def adapter_num_labels(adapter: str, revision: Optional[str], token: Optional[str]) -> Optional[int]:
-    """Number of classes of the adapter's trained head, if it stores one."""
-    tensors, _ = load_safetensors(resolve_file(adapter, WEIGHTS_NAME, revision=revision, token=token))
-    heads = [t for k, t in tensors.items() if k.endswith("classifier.weight")]
-    return int(heads[0].shape[0]) if len(heads) == 1 else None
-
-
 def read_labels(path: Optional[str]) -> Optional[Dict[int, str]]:
     if path is None:
         return None
@@ -86,20 +79,10 @@ def read_labels(path: Optional[str]) -> Optional[Dict[int, str]]:
     raise ValueError(f"{path}: expected a JSON list of class names or an object {{id: name}}")
 
 
-def load_model(args: argparse.Namespace) -> ConsolidatorModel:
-    from transformers import AutoModelForImageClassification
-
-    num_labels = adapter_num_labels(args.adapter, args.adapter_revision, args.token)
-    kwargs = {"num_labels": num_labels, "ignore_mismatched_sizes": True} if num_labels else {}
-    base = AutoModelForImageClassification.from_pretrained(
-        args.base_model, revision=args.base_revision, token=args.token, **kwargs)
-    return ConsolidatorModel.from_pretrained(base, args.adapter, revision=args.adapter_revision,
-                                             token=args.token, is_trainable=False).eval()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model = load_model(args)
+    model = load_for_publishing(args.base_model, args.adapter, base_revision=args.base_revision,
+                                adapter_revision=args.adapter_revision, token=args.token)
     card = dict(metrics=args.metrics, dataset=args.dataset, epochs=args.epochs,
                 base_model=args.base_model if not os.path.exists(args.base_model) else None)
     if args.adapter_only:
