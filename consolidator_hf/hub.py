@@ -408,6 +408,19 @@ merged = model.merge_and_unload()  # a plain {arch}
 
 
 # ---------------------------------------------------------------------- local folders
+def _default_permissions(folder: str) -> None:
+    """What mkdir/open would give under the umask: mkdtemp makes 0700 and safetensors writes
+    0600, which would leave a published folder unreadable to everyone else."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def _write_folder(save_directory: PathLike, fill: Callable[[str], None]) -> str:
     """Run ``fill(tmp)`` on a temporary folder beside ``save_directory`` and move the result
     into place; on any error nothing is left behind (an existing folder keeps its files)."""
@@ -419,6 +432,7 @@ def _write_folder(save_directory: PathLike, fill: Callable[[str], None]) -> str:
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
     try:
         fill(tmp)
+        _default_permissions(tmp)
         if not os.path.exists(target):
             os.replace(tmp, target)
         else:

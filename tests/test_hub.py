@@ -335,6 +335,11 @@ def test_save_merged_loads_offline_without_consolidator_hf(tmp_path):
     assert sorted(os.listdir(path)) == ["README.md", "config.json", "model.safetensors",
                                         "preprocessor_config.json"]
     assert [n for n in os.listdir(tmp_path) if n != "merged"] == []  # no temp folder left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(path).st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700
+    for name in os.listdir(path):  # not safetensors' 0600
+        assert os.stat(os.path.join(path, name)).st_mode & 0o777 == 0o666 & ~umask, name
     weights = load_file(os.path.join(path, "model.safetensors"))
     assert not any("branches" in k or "base_layer" in k for k in weights)
     torch.save(x, tmp_path / "x.pt")
