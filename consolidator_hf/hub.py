@@ -605,8 +605,9 @@ def _hub_step(step: str, repo_id: str, token: Optional[str], endpoint: str, fn: 
         raise HubError(f"could not {step} for Hub repo {repo_id!r} at {endpoint}: {detail}") from None
 
 
-def _check_can_upload(repo_id: str) -> None:
-    """Fail before any (possibly long) merge: a malformed repo id, or offline mode."""
+def check_can_upload(repo_id: str) -> None:
+    """Fail before any long work (a merge, a training run): ``ValueError`` for a malformed
+    repo id, :class:`HubError` in offline mode."""
     from huggingface_hub import constants
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -628,7 +629,7 @@ def _upload_folder(folder: str, repo_id: str, *, private: bool, token: Optional[
     """``create_repo`` (exist_ok) + optional branch + one commit of every file in ``folder``."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    _check_can_upload(repo_id)
+    check_can_upload(repo_id)
     api = HfApi(token=token)
     endpoint = api.endpoint
     _hub_step("create the repository", repo_id, token, endpoint,
@@ -665,7 +666,7 @@ def push_merged(
     a training script needs, e.g. ``push_merged(model, args.push_to_hub, metrics=metrics)``.
     """
     model = _require_consolidator(model, "push_merged")
-    _check_can_upload(repo_id)
+    check_can_upload(repo_id)
     with tempfile.TemporaryDirectory(prefix="consolidator-push-") as tmp:
         folder = save_merged(model, os.path.join(tmp, "merged"), image_processor=image_processor,
                              metrics=metrics, dataset=dataset, base_model=base_model,
@@ -684,7 +685,7 @@ def push_adapter(
     """Upload only the adapter files (what :func:`save_adapter` writes) and their card; return
     the commit URL. ``ConsolidatorModel.from_pretrained(base, repo_id)`` loads them back."""
     model = _require_consolidator(model, "push_adapter")
-    _check_can_upload(repo_id)
+    check_can_upload(repo_id)
     with tempfile.TemporaryDirectory(prefix="consolidator-push-") as tmp:
         folder = save_adapter(model, os.path.join(tmp, "adapter"), metrics=metrics,
                               dataset=dataset, base_model=base_model, epochs=epochs,
@@ -693,15 +694,53 @@ def push_adapter(
                               commit_message=commit_message or "Upload Consolidator adapter")
 
 
+_RUN_DETAILS = ("learning_rate", "weight_decay", "batch_size", "num_train_epochs", "warmup_epochs",
+                "min_lr", "seed", "preprocess", "recipe", "train_split")
+
+
+def push_training_run(
+    output_dir: PathLike, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+    commit_message: Optional[str] = None, revision: Optional[str] = None,
+    base_model: Optional[str] = None,
+) -> str:
+    """Publish a finished ``scripts/finetune.py`` run: merge ``<output_dir>/adapter`` onto its
+    base (``metrics.json``'s ``model``, or ``base_model``) and :func:`push_merged` it with the
+    run's metrics, labels (``merged/config.json``), image processor (``merged/``) and recipe
+    in the card. Returns the commit URL. This is what ``finetune.py --push-to-hub`` calls."""
+    out = os.fspath(output_dir)
+    check_can_upload(repo_id)
+    metrics_path = os.path.join(out, "metrics.json")
+    metrics = load_metrics(metrics_path)
+    base = base_model or metrics.get("model") or metrics.get("config_model")
+    if not base:
+        raise ValueError(f"{metrics_path}: names no base model; pass base_model=")
+    merged_dir = os.path.join(out, "merged")
+    model = load_for_publishing(base, os.path.join(out, "adapter"), token=token)
+    from transformers import AutoConfig, AutoImageProcessor
+
+    id2label = AutoConfig.from_pretrained(merged_dir).id2label
+    processor = AutoImageProcessor.from_pretrained(merged_dir)
+    details = {k: metrics[f"config_{k}"] for k in _RUN_DETAILS
+               if metrics.get(f"config_{k}") is not None}
+    return push_merged(model, repo_id, private=private, token=token, revision=revision,
+                       commit_message=commit_message or f"Upload {metrics.get('task', 'run')} "
+                                                        "(merged Consolidator model)",
+                       image_processor=processor, metrics=metrics_path, id2label=id2label,
+                       base_model=base if _is_hub_id(base) else None,
+                       training_details=details)
+
+
 __all__ = [
     "CARD_NAME",
     "HubError",
     "build_model_card",
+    "check_can_upload",
     "default_image_processor",
     "load_for_publishing",
     "load_metrics",
     "push_adapter",
     "push_merged",
+    "push_training_run",
     "save_adapter",
     "save_merged",
 ]

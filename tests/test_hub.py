@@ -507,3 +507,55 @@ def test_cli_pushes_merged_and_adapter(hub, tmp_path):
 def test_hub_server_blob_ids_match_git():
     # The server reports git blob ids the way git computes them (checked against a known value).
     assert git_blob_sha1(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+# ---------------------------------------------------------------------- finetune.py --push-to-hub
+def _load_finetune():
+    spec = importlib.util.spec_from_file_location("finetune_script",
+                                                  os.path.join(ROOT, "scripts", "finetune.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_finetune_push_to_hub(hub, tmp_path, monkeypatch):
+    from tiny_vtab import save_tiny_backbone, write_tiny_vtab
+
+    write_tiny_vtab(tmp_path / "vtab")
+    backbone = save_tiny_backbone(tmp_path / "backbone")
+    finetune = _load_finetune()
+    run = ["--model", backbone, "--task", "tiny_task", "--data-dir", str(tmp_path / "vtab"),
+           "--num-classes", "3", "--groups", "8", "--batch-size", "8", "--max-steps", "3",
+           "--learning-rate", "0.03", "--save-strategy", "no", "--logging-steps", "1"]
+
+    # Problems that would only show after training are reported before it.
+    with pytest.raises(SystemExit, match="merged Consolidator model"):
+        finetune.main(run + ["--method", "linear", "--output-dir", str(tmp_path / "lin"),
+                             "--push-to-hub", "ns/lin"])
+    with pytest.raises(SystemExit, match="repo_id"):
+        finetune.main(run + ["--output-dir", str(tmp_path / "bad"), "--push-to-hub", "a/b/c"])
+    assert not (tmp_path / "lin").exists() and not (tmp_path / "bad").exists()
+
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # the token from the environment, as documented
+    out = tmp_path / "run"
+    metrics = finetune.main(run + ["--output-dir", str(out), "--push-to-hub", "ns/run",
+                                   "--hub-private"])
+
+    repo = hub.state.repos["ns/run"]
+    assert repo.private and metrics["hub_commit_url"].endswith(repo.branches["main"])
+    files = hub.state.files("ns/run")
+    # The upload is the run's own merged model, labels and processor.
+    pushed, local = load(files["model.safetensors"]), load_file(out / "merged" / "model.safetensors")
+    assert pushed.keys() == local.keys()
+    assert max((pushed[k] - local[k]).abs().max().item() for k in local) <= 1e-6
+    config = json.loads(files["config.json"])
+    assert config["id2label"] == json.loads((out / "merged" / "config.json").read_text())["id2label"]
+    assert json.loads(files["preprocessor_config.json"]) == \
+        json.loads((out / "merged" / "preprocessor_config.json").read_text())
+    card = ModelCard(files["README.md"].decode())
+    result = card.data.eval_results[0]
+    assert (result.metric_type, result.dataset_split, result.dataset_type) == \
+        ("accuracy", "test", "tiny_task")
+    assert result.metric_value == metrics["accuracy"]
+    assert "| learning rate | 0.03 |" in card.text and "no inference overhead" in card.text
+    assert TOKEN not in (out / "metrics.json").read_text()
