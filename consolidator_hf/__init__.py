@@ -9,6 +9,15 @@ from torch import nn
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConsolidatorConfig
 from .convert import ConversionError, convert_checkpoint
 from .drop_path import add_backbone_drop_path, drop_path_rates
+from .hub import (
+    HubError,
+    build_model_card,
+    default_image_processor,
+    push_adapter,
+    push_merged,
+    save_adapter,
+    save_merged,
+)
 from .layer import ConsolidatorBranch, ConsolidatorLinear
 from .model import ConsolidatorModel
 
@@ -49,14 +58,21 @@ __all__ = [
     "ConsolidatorLinear",
     "ConsolidatorModel",
     "FinetuneConfig",
+    "HubError",
     "Top1Accuracy",
     "add_backbone_drop_path",
+    "build_model_card",
     "convert_checkpoint",
+    "default_image_processor",
     "drop_path_rates",
     "get_consolidator_model",
     "run_finetune",
     "load_image_dataset",
     "load_vtab1k",
     "make_transform",
+    "push_adapter",
+    "push_merged",
+    "save_adapter",
+    "save_merged",
     "vtab_aggregate",
 ]

@@ -5,6 +5,8 @@
         --model google/vit-base-patch16-224-in21k --recipe paper
     accelerate launch scripts/finetune.py --config configs/vtab/cifar100.yaml --learning-rate 1e-3
     python scripts/finetune.py ...                             # the same, one process
+    accelerate launch scripts/finetune.py --task cifar100 ... --push-to-hub me/vit-cifar100 \
+        [--hub-private]                    # then upload the merged model + card (token: HF_TOKEN)
 
 Every flag mirrors a field of ``consolidator_hf.training.FinetuneConfig``; ``--config`` reads
 fields from YAML, and flags given on the command line override it. With no ``--task`` and no
@@ -98,6 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="With no --task and no --config: the offline default run (digits 0-4 -> 5-9).")
     p.add_argument("--config", help="YAML file of FinetuneConfig fields; flags override it")
+    # Publishing is not a FinetuneConfig field: the token must never reach metrics.json.
+    hub = p.add_argument_group("publishing (consolidator_hf.hub.push_training_run)")
+    hub.add_argument("--push-to-hub", metavar="REPO", default=None,
+                     help="after training, upload the merged model with its model card to this "
+                          "Hub repo ('namespace/name'; --method consolidator, --task runs)")
+    hub.add_argument("--hub-private", action="store_true", help="create the Hub repo as private")
+    hub.add_argument("--hub-token", default=None,
+                     help="Hub token (default: the HF_TOKEN environment variable or the login "
+                          "cache; prefer those: command lines are visible to other users)")
     for f in dataclasses.fields(FinetuneConfig):
         _add_field(p, f)
     for f in dataclasses.fields(OfflineDefaultConfig):
@@ -118,11 +129,15 @@ def read_yaml(path: str) -> Dict[str, Any]:
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = vars(build_parser().parse_args(argv))
     config_path = args.pop("config", None)
+    push = {k: args.pop(k) for k in ("push_to_hub", "hub_private", "hub_token")}
     offline = {k[len(_OFFLINE_PREFIX):]: args.pop(k) for k in list(args)
                if k.startswith(_OFFLINE_PREFIX)}
     fields: Dict[str, Any] = read_yaml(config_path) if config_path else {}
     fields.update(args)  # command-line flags win over the YAML file
     if "task" not in fields:
+        if push["push_to_hub"]:
+            raise SystemExit("--push-to-hub publishes a --task run (the offline default writes "
+                             "its outputs locally; push one with scripts/push_merged.py)")
         extra = set(fields) - {"output_dir", "use_cpu", "logging_steps"}
         if extra:
             raise SystemExit(f"--task is required with {sorted(extra)} (no task: the offline "
@@ -139,11 +154,44 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         cfg = FinetuneConfig.from_dict(fields)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"finetune.py: {e}") from None
+    if push["push_to_hub"]:
+        check_push(cfg, push["push_to_hub"])  # before hours of training, not after
     metrics = run_finetune(cfg)
     print(f"{cfg.task} {cfg.method}: test top-1 {100 * metrics['accuracy']:.2f} % "
           f"({metrics['trainable_params']:,} trainable, {metrics['stored_params']:,} stored "
           f"parameters, {metrics['train_runtime_s']:.0f} s); outputs in {cfg.output_dir}")
+    if push["push_to_hub"]:
+        from accelerate import PartialState
+
+        if PartialState().is_main_process:  # one upload per run, however many processes
+            metrics["hub_commit_url"] = push_run(cfg, push)
     return metrics
+
+
+def check_push(cfg: FinetuneConfig, repo_id: str) -> None:
+    from consolidator_hf.hub import HubError, check_can_upload
+
+    if cfg.method != "consolidator":
+        raise SystemExit(f"--push-to-hub publishes a merged Consolidator model; --method "
+                         f"{cfg.method} writes {cfg.output_dir}/merged, which "
+                         "`hf upload` can publish")
+    try:
+        check_can_upload(repo_id)
+    except (ValueError, HubError) as e:
+        raise SystemExit(f"finetune.py: --push-to-hub: {e}") from None
+
+
+def push_run(cfg: FinetuneConfig, push: Dict[str, Any]) -> str:
+    from consolidator_hf.hub import HubError, push_training_run
+
+    try:
+        url = push_training_run(cfg.output_dir, push["push_to_hub"], private=push["hub_private"],
+                                token=push["hub_token"])
+    except (HubError, OSError, ValueError) as e:
+        raise SystemExit(f"finetune.py: training finished (outputs in {cfg.output_dir}) but the "
+                         f"upload failed: {e}") from None
+    print(f"pushed the merged model to {url}", flush=True)
+    return url
 
 
 if __name__ == "__main__":
