@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import tempfile
-import warnings
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 from ._io import PathLike
@@ -245,21 +244,20 @@ def _vtab_task(dataset: Optional[str]) -> Optional[str]:
     return None
 
 
-def _policy_copy(model: ConsolidatorModel) -> ConsolidatorModel:
-    """A deep copy, unmerged, with the config's freezing policy re-applied (the caller's
-    ``requires_grad`` flags may have been changed, e.g. by ``is_trainable=False``)."""
+def _unmerged_copy(model: ConsolidatorModel) -> ConsolidatorModel:
+    """A deep copy with the branches unmerged (a merged caller's model must stay merged;
+    counts and adapter storage need the branches)."""
     work = copy.deepcopy(model)
     if any(layer.merged for _, layer in work.consolidator_layers()):
         work.unmerge_adapter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # modules_to_save warnings were given at construction
-        work._apply_freezing()
     return work
 
 
 def _training_counts(model: ConsolidatorModel) -> Dict[str, int]:
-    """Parameter counts under the config's freezing policy (computed on a copy)."""
-    return _policy_copy(model).parameter_counts()
+    """Parameter counts under the config's freezing policy."""
+    if any(layer.merged for _, layer in model.consolidator_layers()):
+        return _unmerged_copy(model).parameter_counts()
+    return model.parameter_counts()
 
 
 # ---------------------------------------------------------------------- model card
@@ -483,7 +481,7 @@ def save_merged(
     """
     model = _require_consolidator(model, "save_merged")
     processor = _resolve_image_processor(image_processor, model)
-    work = _policy_copy(model)  # the one deep copy: counted, then merged
+    work = _unmerged_copy(model)  # the one deep copy: counted, then merged
     counts = work.parameter_counts()
     card = build_model_card(
         model, kind="merged", repo_id=repo_id,
@@ -515,10 +513,7 @@ def save_adapter(
     The caller's model is not modified. Returns the folder's path."""
     model = _require_consolidator(model, "save_adapter")
     base = _hub_base_model(model, base_model)
-    # Save from a copy under the config's freezing policy: what the adapter stores is decided
-    # by requires_grad, which a model loaded with is_trainable=False has switched off (and a
-    # merged caller's model must stay merged).
-    source = _policy_copy(model)
+    source = _unmerged_copy(model)
     card = build_model_card(
         model, kind="adapter", repo_id=repo_id,
         model_name=None if repo_id else os.path.basename(os.path.abspath(os.fspath(save_directory))),

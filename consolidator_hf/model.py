@@ -68,7 +68,7 @@ class ConsolidatorModel(nn.Module):
         # Originals of every tensor training will change in place (biases, norms, heads),
         # so that unload() can hand back the untouched base model.
         self._originals: Dict[str, torch.Tensor] = {
-            n: p.detach().clone() for n, p in self._trainable_base_parameters()
+            n: p.detach().clone() for n, p in self._policy_parameters()
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -192,6 +192,32 @@ class ConsolidatorModel(nn.Module):
         return [n for n in found if not any(n == a or n.startswith(a + ".")
                                              for a in self.targeted_module_names)]
 
+    def _policy_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        """Non-branch parameters that the config's policy trains (and the adapter stores):
+        adapted layers' biases, norms, ``modules_to_save``. Named as in the merged model
+        (``.base_layer`` dropped). Decided by the config, not by ``requires_grad``, so a model
+        loaded frozen still saves the same adapter."""
+        cfg = self.consolidator_config
+        chosen: Dict[int, Tuple[str, nn.Parameter]] = {}
+
+        def add(module_name: str, module: nn.Module, recurse: bool) -> None:
+            for pname, p in module.named_parameters(recurse=recurse):
+                full = f"{module_name}.{pname}" if module_name else pname
+                if ".branches." not in f".{full}" and id(p) not in chosen:
+                    chosen[id(p)] = (full.replace(".base_layer.", "."), p)
+
+        for name, module in self.base_model.named_modules():
+            if isinstance(module, ConsolidatorLinear):
+                if cfg.train_bias and module.base_layer.bias is not None:
+                    chosen.setdefault(id(module.base_layer.bias), (f"{name}.bias", module.base_layer.bias))
+            elif cfg.train_layernorm and _is_norm(module):
+                add(name, module, recurse=False)
+        for name in self._saved_module_names():
+            add(name, self.base_model.get_submodule(name), recurse=True)
+        # base-model parameter order, so files and counts are deterministic
+        order = {id(p): i for i, p in enumerate(self.base_model.parameters())}
+        yield from sorted(chosen.values(), key=lambda np_: order[id(np_[1])])
+
     def _apply_freezing(self) -> None:
         cfg = self.consolidator_config
         for p in self.base_model.parameters():
@@ -199,13 +225,6 @@ class ConsolidatorModel(nn.Module):
         for _, layer in self.consolidator_layers():
             for p in layer.branches.parameters():
                 p.requires_grad_(True)
-            if cfg.train_bias and layer.base_layer.bias is not None:
-                layer.base_layer.bias.requires_grad_(True)
-        if cfg.train_layernorm:
-            for module in self.base_model.modules():
-                if _is_norm(module):
-                    for p in module.parameters(recurse=False):
-                        p.requires_grad_(True)
         wanted = cfg.modules_to_save or []
         saved = self._saved_module_names()
         missing = [t for t in wanted if not any(name_matches(n, t) for n in saved)]
@@ -213,22 +232,17 @@ class ConsolidatorModel(nn.Module):
             warnings.warn(f"modules_to_save {missing} match no module of "
                           f"{type(self.base_model).__name__}; nothing is saved for them",
                           stacklevel=3)
-        for name in saved:
-            for p in self.base_model.get_submodule(name).parameters():
-                p.requires_grad_(True)
-
-    def _trainable_base_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
-        """Trainable parameters that are not branch parameters, with base-model names
-        (``.base_layer`` dropped: the names the merged model uses)."""
-        for name, p in self.base_model.named_parameters():
-            if p.requires_grad and ".branches." not in name:
-                yield name.replace(".base_layer.", "."), p
+        for _, p in self._policy_parameters():
+            p.requires_grad_(True)
 
     # ------------------------------------------------------------------ counting
     def parameter_counts(self) -> Dict[str, int]:
-        """``trainable``, ``branch``, ``stored`` (after consolidation) and ``base`` counts."""
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        """``trainable``, ``branch``, ``stored`` (after consolidation) and ``base`` counts.
+
+        ``trainable`` is what the config's policy trains (branches, biases, norms, heads),
+        whatever ``requires_grad`` says right now (e.g. after ``from_pretrained``)."""
         branch = sum(p.numel() for _, l in self.consolidator_layers() for p in l.branches.parameters())
+        trainable = branch + sum(p.numel() for _, p in self._policy_parameters())
         base = sum(p.numel() for p in self.parameters()) - branch
         stored = sum(t.numel() for t in self._adapter_tensors(consolidate=True).values())
         return {"trainable": trainable, "branch": branch, "stored": stored, "base": base}
@@ -314,7 +328,7 @@ class ConsolidatorModel(nn.Module):
                 for k, branch in enumerate(layer.branches):
                     for pname, p in branch.named_parameters():
                         tensors[f"{name}.branches.{k}.{pname}"] = p.detach()
-        for pname, p in self._trainable_base_parameters():
+        for pname, p in self._policy_parameters():
             if pname not in layer_bias_names:
                 tensors[pname] = p.detach()
         return tensors

@@ -337,3 +337,21 @@ def test_saved_files_get_ordinary_permissions(tmp_path):
     os.umask(umask)
     for name in os.listdir(tmp_path):
         assert os.stat(tmp_path / name).st_mode & 0o777 == 0o666 & ~umask, name
+
+
+def test_frozen_loaded_model_saves_the_same_adapter(tmp_path):
+    """What is stored follows the config's policy, not requires_grad (is_trainable=False)."""
+    model = get_consolidator_model(tiny_vit(), cfg(groups=(8, 4))).eval()
+    perturb_trainables(model)
+    model.save_pretrained(tmp_path / "a")
+    frozen = ConsolidatorModel.from_pretrained(tiny_vit(), tmp_path / "a")
+    assert not any(p.requires_grad for p in frozen.parameters())
+    assert frozen.parameter_counts() == model.parameter_counts()
+    frozen.save_pretrained(tmp_path / "b")
+    from consolidator_hf._io import load_safetensors
+
+    a, _ = load_safetensors(tmp_path / "a" / "consolidator_model.safetensors")
+    b, _ = load_safetensors(tmp_path / "b" / "consolidator_model.safetensors")
+    assert a.keys() == b.keys() and any("layernorm" in k for k in a) and "classifier.weight" in a
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
