@@ -689,7 +689,8 @@ def push_adapter(
                               commit_message=commit_message or "Upload Consolidator adapter")
 
 
-_RUN_DETAILS = ("learning_rate", "weight_decay", "batch_size", "num_train_epochs", "warmup_epochs",
+# FinetuneConfig fields a model card reports for a training run.
+RUN_DETAILS = ("learning_rate", "weight_decay", "batch_size", "num_train_epochs", "warmup_epochs",
                 "min_lr", "seed", "preprocess", "recipe", "train_split")
 
 
@@ -715,7 +716,7 @@ def push_training_run(
 
     id2label = AutoConfig.from_pretrained(merged_dir).id2label
     processor = AutoImageProcessor.from_pretrained(merged_dir)
-    details = {k: metrics[f"config_{k}"] for k in _RUN_DETAILS
+    details = {k: metrics[f"config_{k}"] for k in RUN_DETAILS
                if metrics.get(f"config_{k}") is not None}
     return push_merged(model, repo_id, private=private, token=token, revision=revision,
                        commit_message=commit_message or f"Upload {metrics.get('task', 'run')} "

@@ -410,6 +410,7 @@ def _compute_metrics(eval_pred) -> Dict[str, float]:
 
 # ---------------------------------------------------------------------- outputs
 def _model_card(cfg: FinetuneConfig, metrics: Dict[str, Any]) -> str:
+    """The card of a merged baseline run (linear, bitfit, full, lora)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     is_hub_id = not os.path.exists(cfg.model) and cfg.model.count("/") == 1
@@ -452,9 +453,19 @@ def _write_outputs(model: nn.Module, processor, cfg: FinetuneConfig,
     out = cfg.output_dir
     adapter_dir, merged_dir = os.path.join(out, "adapter"), os.path.join(out, "merged")
     if isinstance(model, ConsolidatorModel):
-        model.save_pretrained(adapter_dir)  # consolidated: the paper's stage-1 storage
-        merged = model.eval().merge_and_unload()
-    elif cfg.method == "lora":
+        # One card format for every merged Consolidator model: the publishing module's.
+        from .hub import RUN_DETAILS, save_adapter, save_merged
+
+        is_hub_id = not os.path.exists(cfg.model) and cfg.model.count("/") == 1
+        card_args = dict(metrics=metrics, dataset=cfg.task, epochs=cfg.num_train_epochs,
+                         base_model=cfg.model if is_hub_id else None,
+                         training_details={k: getattr(cfg, k) for k in RUN_DETAILS})
+        metrics["architecture"] = type(model.base_model).__name__
+        save_adapter(model, adapter_dir, **card_args)  # consolidated: the paper's stage-1 storage
+        save_merged(model.eval(), merged_dir, image_processor=processor, **card_args)
+        _write_metrics(out, metrics)
+        return
+    if cfg.method == "lora":
         model.save_pretrained(adapter_dir)
         merged = model.merge_and_unload()
     else:
@@ -465,6 +476,10 @@ def _write_outputs(model: nn.Module, processor, cfg: FinetuneConfig,
     merged.save_pretrained(merged_dir)
     processor.save_pretrained(merged_dir)
     atomic_write_text(os.path.join(merged_dir, "README.md"), _model_card(cfg, metrics))
+    _write_metrics(out, metrics)
+
+
+def _write_metrics(out: str, metrics: Dict[str, Any]) -> None:
     atomic_write_text(os.path.join(out, "metrics.json"),
                       json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     ckpts = os.path.join(out, "checkpoints")

@@ -70,8 +70,15 @@ def test_consolidator_run_trains_and_writes_outputs(consolidator_run):
               "merged/config.json", "merged/model.safetensors",
               "merged/preprocessor_config.json", "merged/README.md"):
         assert os.path.isfile(os.path.join(out, f)), f
-    card = open(os.path.join(out, "merged", "README.md")).read()
-    assert card.startswith("---") and "consolidator" in card and f"{100 * m['accuracy']:.2f} %" in card
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(os.path.join(out, "merged", "README.md"))  # the publishing card
+    assert "consolidator" in card.data.tags and "no inference overhead" in card.text
+    results = card.data.eval_results
+    assert any(r.metric_type == "accuracy" and r.metric_value == m["accuracy"] for r in results)
+    assert f"{m['trainable_params']:,}" in card.text and f"{m['stored_params']:,}" in card.text
+    adapter_card = ModelCard.load(os.path.join(out, "adapter", "README.md"))
+    assert adapter_card.data.library_name == "consolidator_hf"
 
 
 def test_checkpoint_holds_no_backbone_tensor(consolidator_run):
