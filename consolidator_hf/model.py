@@ -125,7 +125,7 @@ class ConsolidatorModel(nn.Module):
             base = modules[name]
             layer = ConsolidatorLinear(
                 base, cfg.groups, channel_shuffle=cfg.channel_shuffle, drop_rate=cfg.drop_rate,
-                branch_bias=cfg.branch_bias, init_range=cfg.init_range, name=name,
+                branch_bias=cfg.branch_bias, init_range=cfg.init_range, impl=cfg.impl, name=name,
                 **self._layer_kwargs(name, base),
             )
             _set_submodule(self.base_model, name, layer)
