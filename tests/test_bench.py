@@ -27,8 +27,9 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
     assert list(report["train"]) == configs
     for name, r in report["train"].items():
         assert len(r["step_s_all"]) == 2 and all(t > 0 for t in r["step_s_all"])
-        assert {"step_s", "time_ratio_to_floor", "peak_mem_bytes", "mem_ratio_to_floor",
-                "trainable_params"} <= set(r)
+        assert {"step_s", "time_ratio_to_floor", "step_cpu_s", "cpu_time_ratio_to_floor",
+                "step_s_min", "min_time_ratio_to_floor",
+                "peak_mem_bytes", "mem_ratio_to_floor", "trainable_params"} <= set(r)
         assert r["peak_mem_bytes"] >= 0
     assert report["train"]["floor"]["time_ratio_to_floor"] == 1.0
     # Branches add trainable parameters on top of the floor; both impls train the same set.
