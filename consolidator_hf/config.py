@@ -13,6 +13,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 from ._io import atomic_write_text, resolve_file
 
 CONFIG_NAME = "consolidator_config.json"
+IMPLS = ("fast", "reference")
 WEIGHTS_NAME = "consolidator_model.safetensors"
 FORMAT_VERSION = 1
 QKV_GROUPINGS = ("separate", "fused")
@@ -44,6 +45,9 @@ class ConsolidatorConfig:
             rising linearly over depth (layer ``i`` of ``L``: ``p * i / (L - 1)``, as timm);
             training only. The paper trains with 0.1.
         base_model_name_or_path, revision: the base model the adapter belongs to.
+        impl: forward implementation of the adapted layers: ``"fast"`` (one merged-weight
+            GEMM with a block-structured backward; default) or ``"reference"`` (the formula
+            literally, the oracle the fast path is tested against). Same results either way.
     """
 
     groups: Tuple[int, ...] = (384,)
@@ -60,6 +64,7 @@ class ConsolidatorConfig:
     backbone_drop_path: float = 0.0
     base_model_name_or_path: Optional[str] = None
     revision: Optional[str] = None
+    impl: str = "fast"
 
     def __post_init__(self) -> None:
         self.validate()
@@ -98,6 +103,8 @@ class ConsolidatorConfig:
                     f"modules_to_save: expected a list of module names, got {self.modules_to_save!r}"
                 )
             self.modules_to_save = list(self.modules_to_save)
+        if self.impl not in IMPLS:
+            raise ValueError(f"impl: must be one of {IMPLS}, got {self.impl!r}")
         for name in ("base_model_name_or_path", "revision"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, str):

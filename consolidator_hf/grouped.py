@@ -53,6 +53,7 @@ __all__ = [
     "union_support",
     "split_union",
     "grouped_forward_reference",
+    "grouped_weight_grad",
     "keep_mask",
 ]
 
@@ -212,3 +213,53 @@ def grouped_forward_reference(
                    device=x.device)
     per_row = slices[..., q, :]  # (..., out, s): the slice each output row reads
     return (per_row * weight).sum(-1)
+
+
+_ROW_CHUNK = 256
+
+
+def grouped_weight_grad(
+    grad_out: torch.Tensor, x: torch.Tensor, groups: int, shuffle: bool, *,
+    row_offset: int = 0, virtual_out: Optional[int] = None,
+) -> torch.Tensor:
+    """Gradient of a branch's compact ``(out, s)`` weight from its block structure.
+
+    For ``y = B P x`` over ``n`` rows, ``grad[o, j] = sum_n grad_out[n, o] * x'[n, q(o)*s + j]``:
+    per group ``q`` this is ``grad_out[:, rows_q]^T @ x'[:, q*s:(q+1)*s]``, computed as one
+    batched matmul over the groups the layer's rows touch. It equals the dense weight
+    gradient ``grad_out^T @ x`` read on the support (:func:`dense_to_grouped`), without ever
+    forming that ``(out, in)`` matrix. ``grad_out``: ``(n, out)``; ``x``: ``(n, in)``.
+    """
+    n, out_features = grad_out.shape
+    in_features = x.shape[-1]
+    s = in_features // groups
+    vout = out_features if virtual_out is None else virtual_out
+    rows_per_group = vout // groups
+    # Groups covering rows [row_offset, row_offset + out) of the virtual layer; a slice that
+    # starts or ends inside a group is padded with zero rows to whole groups.
+    first = row_offset // rows_per_group
+    last = (row_offset + out_features - 1) // rows_per_group + 1
+    lead = row_offset - first * rows_per_group
+    trail = last * rows_per_group - (row_offset + out_features)
+    if lead or trail:
+        grad_out = torch.nn.functional.pad(grad_out, (lead, trail))
+    xs = channel_shuffle(x, groups) if shuffle else x
+    n_groups = last - first
+    # Batch c neighbouring groups per matmul and keep only the c diagonal blocks of each
+    # (c*rows x c*s) product: c*min(rows, s) >= 16 floats makes every row read a whole cache
+    # line instead of 2 floats of it (c times the FLOPs of the blocks, still far below a
+    # dense weight gradient, and much faster than one tiny matmul per group on CPU).
+    c = next((d for d in range(1, n_groups + 1)
+              if n_groups % d == 0 and d * min(rows_per_group, s) >= 16), n_groups)
+    batches = n_groups // c
+    x_blocks = xs.reshape(n, groups * s)[:, first * s:last * s].reshape(n, batches, c * s)
+    g_blocks = grad_out.reshape(n, batches, c * rows_per_group)
+    g_blocks, x_blocks = g_blocks.permute(1, 2, 0), x_blocks.permute(1, 0, 2)
+    # Sum over the rows in chunks that stay in cache while every group reads them (one
+    # pass over all rows per group is bound by strided memory traffic instead).
+    full = torch.bmm(g_blocks[:, :, :_ROW_CHUNK], x_blocks[:, :_ROW_CHUNK])  # (b, c*rows, c*s)
+    for start in range(_ROW_CHUNK, n, _ROW_CHUNK):
+        full.baddbmm_(g_blocks[:, :, start:start + _ROW_CHUNK], x_blocks[:, start:start + _ROW_CHUNK])
+    blocks = full.view(batches, c, rows_per_group, c, s).diagonal(dim1=1, dim2=3)  # (b,rows,s,c)
+    blocks = blocks.permute(0, 3, 1, 2)  # (b, c, rows, s): group first + b*c + i
+    return blocks.reshape(-1, s)[lead:lead + out_features]

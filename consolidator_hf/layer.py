@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from . import grouped
-
-IMPLS = ("reference",)
+from ._fast import merged_branch_linear
+from .config import IMPLS  # "fast" (one merged-weight GEMM, default) | "reference" (the oracle)
 
 
 class ConsolidatorBranch(nn.Module):
@@ -88,7 +88,7 @@ class ConsolidatorLinear(nn.Module):
         init_range: float = 1e-3,
         row_offset: int = 0,
         virtual_out_features: Optional[int] = None,
-        impl: str = "reference",
+        impl: str = "fast",
         name: str = "layer",
     ) -> None:
         super().__init__()
@@ -126,7 +126,42 @@ class ConsolidatorLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base_layer(x)
+        if self.impl == "fast":
+            return self.forward_fast(x)
         return self.forward_reference(x)
+
+    def draw_masks(self, batch: int, device=None) -> Optional[torch.Tensor]:
+        """Per-sample keep masks ``(batch, K)`` (``1/(1-p)`` or 0), or ``None`` when nothing drops.
+
+        Drawn branch by branch with :func:`grouped.keep_mask`, in the order the reference
+        path draws them, so both paths see identical masks under the same seed.
+        """
+        if not (self.training and self.drop_rate > 0):
+            return None
+        return torch.stack([grouped.keep_mask(batch, self.drop_rate, device=device)
+                            for _ in self.branches], dim=1)
+
+    def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        """Same result as :meth:`forward_reference` through one merged-weight GEMM.
+
+        Samples sharing a keep pattern share one weight ``W0 + sum_{k kept} D_k / (1-p)``;
+        the backward pass computes branch-weight gradients from the block structure
+        (see :mod:`consolidator_hf._fast`).
+        """
+        masks = self.draw_masks(x.shape[0] if x.dim() > 1 else 1, device=x.device)
+        return merged_branch_linear(self, x, masks)
+
+    def _union_positions(self) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+        """Cached ``(union, positions)``: the sorted union of the branches' supports, and
+        for each branch where its compact entries sit in that union."""
+        device = self.base_layer.weight.device
+        cache = getattr(self, "_union_cache", None)
+        if cache is None or cache[0].device != device:
+            idxs = [b.support_index(device=device).reshape(-1) for b in self.branches]
+            union = grouped.union_support(idxs)
+            cache = (union, [torch.searchsorted(union, i) for i in idxs])
+            self._union_cache = cache
+        return cache
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """DESIGN.md section 1 literally: base, plus each branch times its per-sample mask."""

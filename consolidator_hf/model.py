@@ -68,7 +68,7 @@ class ConsolidatorModel(nn.Module):
         # Originals of every tensor training will change in place (biases, norms, heads),
         # so that unload() can hand back the untouched base model.
         self._originals: Dict[str, torch.Tensor] = {
-            n: p.detach().clone() for n, p in self._policy_parameters()
+            n: p.detach().clone() for n, p in self.trained_base_parameters()
         }
 
     # ------------------------------------------------------------------ plumbing
@@ -179,7 +179,7 @@ class ConsolidatorModel(nn.Module):
             base = modules[name]
             layer = ConsolidatorLinear(
                 base, cfg.groups, channel_shuffle=cfg.channel_shuffle, drop_rate=cfg.drop_rate,
-                branch_bias=cfg.branch_bias, init_range=cfg.init_range, name=name,
+                branch_bias=cfg.branch_bias, init_range=cfg.init_range, impl=cfg.impl, name=name,
                 **self._layer_kwargs(name, base),
             )
             _set_submodule(self.base_model, name, layer)
@@ -192,7 +192,7 @@ class ConsolidatorModel(nn.Module):
         return [n for n in found if not any(n == a or n.startswith(a + ".")
                                              for a in self.targeted_module_names)]
 
-    def _policy_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
+    def trained_base_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
         """Non-branch parameters that the config's policy trains (and the adapter stores):
         adapted layers' biases, norms, ``modules_to_save``. Named as in the merged model
         (``.base_layer`` dropped). Decided by the config, not by ``requires_grad``, so a model
@@ -232,7 +232,7 @@ class ConsolidatorModel(nn.Module):
             warnings.warn(f"modules_to_save {missing} match no module of "
                           f"{type(self.base_model).__name__}; nothing is saved for them",
                           stacklevel=3)
-        for _, p in self._policy_parameters():
+        for _, p in self.trained_base_parameters():
             p.requires_grad_(True)
 
     # ------------------------------------------------------------------ counting
@@ -242,7 +242,7 @@ class ConsolidatorModel(nn.Module):
         ``trainable`` is what the config's policy trains (branches, biases, norms, heads),
         whatever ``requires_grad`` says right now (e.g. after ``from_pretrained``)."""
         branch = sum(p.numel() for _, l in self.consolidator_layers() for p in l.branches.parameters())
-        trainable = branch + sum(p.numel() for _, p in self._policy_parameters())
+        trainable = branch + sum(p.numel() for _, p in self.trained_base_parameters())
         base = sum(p.numel() for p in self.parameters()) - branch
         stored = sum(t.numel() for t in self._adapter_tensors(consolidate=True).values())
         return {"trainable": trainable, "branch": branch, "stored": stored, "base": base}
@@ -328,7 +328,7 @@ class ConsolidatorModel(nn.Module):
                 for k, branch in enumerate(layer.branches):
                     for pname, p in branch.named_parameters():
                         tensors[f"{name}.branches.{k}.{pname}"] = p.detach()
-        for pname, p in self._policy_parameters():
+        for pname, p in self.trained_base_parameters():
             if pname not in layer_bias_names:
                 tensors[pname] = p.detach()
         return tensors

@@ -1,0 +1,466 @@
+"""Side-by-side training/inference benchmark of Consolidator against its floor and baselines.
+
+    python scripts/bench.py --model-size base --batch-size 8 --repeats 5 --threads 2 \\
+        --output-dir bench_out
+
+Training configurations (each in its own worker process, so peak memory is its own):
+
+* ``floor``: the same ViT with only what Consolidator also trains besides the branches
+  (the adapted layers' biases, every LayerNorm, the head): backprop through the frozen
+  backbone is paid anyway, so this is the cost to beat;
+* ``consolidator_fast`` / ``consolidator_reference``: ``ConsolidatorConfig(impl=...)``;
+* ``full_ft``: every parameter trains;
+* ``lora_r8_qv``: PEFT LoRA r=8 on the q and v projections plus the head (if peft is installed).
+
+The workers stay alive while the main process asks each for one training step in turn
+(forward, backward, AdamW step), rotating the order every repeat, so a load spike on a shared
+machine hits every configuration alike; medians and ratios to the floor are reported, of the
+wall time and of the worker's CPU time (less sensitive to other processes on a shared machine). Peak
+memory is the peak RSS of a worker during its steps minus its RSS before the first step
+(optimizer state and gradients included; sampled every 2 ms), or ``max_memory_allocated``
+minus the memory allocated before the first step on CUDA.
+
+A last worker times inference (plain model, merged model, unmerged wrapper), the time to
+merge the whole model (``merge_and_unload``) and the adapter file size. Everything is random
+init from ``ViTConfig``: no Hub access. Writes ``bench.json`` and ``bench.png`` into
+``--output-dir`` and prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Any, Dict, List, Optional
+
+TRAIN_CONFIGS = ["floor", "consolidator_fast", "consolidator_reference", "full_ft", "lora_r8_qv"]
+
+MODEL_SIZES: Dict[str, Dict[str, int]] = {
+    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                 intermediate_size=3072, image_size=224, patch_size=16),
+    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
+                  intermediate_size=1536, image_size=224, patch_size=16),
+    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, image_size=32, patch_size=8),
+}
+NUM_LABELS = 100
+
+
+# ---------------------------------------------------------------------- models
+def build_base(size: str):
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    return ViTForImageClassification(ViTConfig(**MODEL_SIZES[size], num_labels=NUM_LABELS))
+
+
+def consolidator_config(size: str, impl: str = "fast"):
+    from consolidator_hf import ConsolidatorConfig
+
+    # Blocks of 2 channels, the paper's ViT-B/16 ratio (groups=384 at hidden size 768).
+    return ConsolidatorConfig(groups=(MODEL_SIZES[size]["hidden_size"] // 2,), drop_rate=0.1,
+                              impl=impl)
+
+
+def build_train_model(name: str, size: str):
+    """The model of one training configuration, its trainable parameters set."""
+    from consolidator_hf import get_consolidator_model
+
+    base = build_base(size)
+    if name in ("consolidator_fast", "consolidator_reference"):
+        return get_consolidator_model(base, consolidator_config(size, name.split("_")[1]))
+    if name == "floor":
+        # Exactly what Consolidator trains besides its branches, read off a wrapped copy.
+        probe = get_consolidator_model(build_base(size), consolidator_config(size))
+        wanted = {n for n, _ in probe.trained_base_parameters()}
+        for n, p in base.named_parameters():
+            p.requires_grad_(n in wanted)
+        return base
+    if name == "full_ft":
+        return base
+    if name == "lora_r8_qv":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                         modules_to_save=["classifier"])
+        return get_peft_model(base, cfg)
+    raise ValueError(f"unknown configuration {name!r}")
+
+
+def peft_available() -> bool:
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------- memory
+def current_rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class RssPeak:
+    """Peak RSS while active, sampled by a thread (torch ops release the GIL)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def __enter__(self) -> "RssPeak":
+        self._stop.clear()
+        self.peak = max(self.peak, current_rss())
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, current_rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, current_rss())
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ---------------------------------------------------------------------- workers
+def _send(obj: Dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def train_worker(args: argparse.Namespace) -> None:
+    """Serve ``step`` / ``report`` / ``quit`` lines on stdin for one configuration."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    model = build_train_model(args.worker, args.model_size).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    size = MODEL_SIZES[args.model_size]["image_size"]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
+    y = torch.randint(0, NUM_LABELS, (args.batch_size,), generator=g).to(device)
+
+    def step() -> Dict[str, float]:
+        _sync(device)
+        t, c = time.perf_counter(), time.process_time()
+        loss = model(pixel_values=x, labels=y).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        # CPU time of the worker's threads as well as wall time: on a shared machine the
+        # wall clock also counts time spent descheduled.
+        return {"step_s": time.perf_counter() - t, "step_cpu_s": time.process_time() - c}
+
+    rss0 = current_rss()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        alloc0 = torch.cuda.memory_allocated(device)
+    peak = RssPeak()
+    with peak:
+        for _ in range(args.warmup):
+            step()
+    _send({"ready": True, "trainable_params": sum(p.numel() for p in params)})
+    for line in sys.stdin:
+        cmd = line.strip()
+        if cmd == "step":
+            with peak:
+                t = step()
+            _send(t)
+        elif cmd == "report":
+            if device.type == "cuda":
+                mem = torch.cuda.max_memory_allocated(device) - alloc0
+            else:
+                mem = peak.peak - rss0
+            _send({"peak_mem_bytes": mem, "peak_rss_bytes": peak.peak, "rss_before_bytes": rss0})
+        elif cmd == "quit":
+            return
+
+
+def median_time(fn, repeats: int, device) -> float:
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def inference_worker(args: argparse.Namespace) -> None:
+    """Inference of plain / merged / unmerged models, merge time, adapter size: one JSON line."""
+    import copy
+
+    import torch
+
+    from consolidator_hf import WEIGHTS_NAME, get_consolidator_model
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    plain = build_base(args.model_size).to(device).eval()
+    wrapped = get_consolidator_model(copy.deepcopy(plain), consolidator_config(args.model_size))
+    wrapped = wrapped.to(device).eval()
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    size = MODEL_SIZES[args.model_size]["image_size"]
+    x = torch.randn(args.batch_size, 3, size, size,
+                    generator=torch.Generator().manual_seed(2)).to(device)
+    models = {"plain": plain, "merged": merged, "unmerged": wrapped}
+    times: Dict[str, List[float]] = {k: [] for k in models}
+    with torch.no_grad():
+        for m in models.values():
+            m(pixel_values=x)  # warm-up
+        for r in range(args.repeats):
+            names = list(models)
+            names = names[r % len(names):] + names[:r % len(names)]
+            for name in names:
+                _sync(device)
+                t = time.perf_counter()
+                models[name](pixel_values=x)
+                _sync(device)
+                times[name].append(time.perf_counter() - t)
+        exact = (merged(pixel_values=x).logits - wrapped(pixel_values=x).logits).abs().max().item()
+    # Merge time of the whole model: a fresh deep copy per repeat, merge_and_unload timed alone.
+    merge_times = []
+    for _ in range(max(1, min(args.repeats, 5))):
+        fresh = copy.deepcopy(wrapped)
+        merge_times.append(median_time(fresh.merge_and_unload, 1, device))
+        del fresh
+    with tempfile.TemporaryDirectory() as tmp:
+        wrapped.save_pretrained(tmp)
+        adapter_bytes = os.path.getsize(os.path.join(tmp, WEIGHTS_NAME))
+    counts = wrapped.parameter_counts()
+    _send({
+        "inference_s": {k: statistics.median(v) for k, v in times.items()},
+        "inference_all_s": times,
+        "merged_vs_unmerged_max_abs_logit_diff": exact,
+        "merge_s": statistics.median(merge_times),
+        "adapter_file_bytes": adapter_bytes,
+        "stored_params": counts["stored"],
+        "trainable_params": counts["trainable"],
+        "base_params": counts["base"],
+    })
+
+
+# ---------------------------------------------------------------------- driver
+def _spawn(args: argparse.Namespace, worker: str) -> subprocess.Popen:
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker,
+           "--model-size", args.model_size, "--batch-size", str(args.batch_size),
+           "--repeats", str(args.repeats), "--threads", str(args.threads),
+           "--device", args.device, "--warmup", str(args.warmup)]
+    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            bufsize=1)
+
+
+def _ask(proc: subprocess.Popen, cmd: Optional[str], name: str) -> Dict[str, Any]:
+    if cmd is not None:
+        proc.stdin.write(cmd + "\n")
+        proc.stdin.flush()
+    line = proc.stdout.readline()
+    if not line:
+        raise RuntimeError(f"worker {name} exited (code {proc.wait()}) without answering {cmd!r}")
+    return json.loads(line)
+
+
+def machine_info(args: argparse.Namespace) -> Dict[str, Any]:
+    import torch
+
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": args.threads,
+        "device": args.device,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [l.split(":", 1)[1].strip() for l in f if l.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+        info["load_average_at_start"] = list(os.getloadavg())
+    except OSError:
+        pass
+    if args.device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def run_training(args: argparse.Namespace, configs: List[str]) -> Dict[str, Dict[str, Any]]:
+    procs = {c: _spawn(args, c) for c in configs}
+    results: Dict[str, Dict[str, Any]] = {}
+    try:
+        for c, p in procs.items():
+            results[c] = {"trainable_params": _ask(p, None, c)["trainable_params"],
+                          "step_s_all": [], "step_cpu_s_all": []}
+        for r in range(args.repeats):
+            order = configs[r % len(configs):] + configs[:r % len(configs)]
+            for c in order:
+                answer = _ask(procs[c], "step", c)
+                results[c]["step_s_all"].append(answer["step_s"])
+                results[c]["step_cpu_s_all"].append(answer["step_cpu_s"])
+            print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
+                f"{c} {results[c]['step_s_all'][-1]:.3f}s" for c in configs), file=sys.stderr)
+        for c, p in procs.items():
+            results[c].update(_ask(p, "report", c))
+            p.stdin.write("quit\n")
+            p.stdin.flush()
+    finally:
+        for p in procs.values():
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    floor = results["floor"]
+    floor_t = statistics.median(floor["step_s_all"])
+    floor_cpu = statistics.median(floor["step_cpu_s_all"])
+    for c, res in results.items():
+        res["step_s"] = statistics.median(res["step_s_all"])
+        res["time_ratio_to_floor"] = res["step_s"] / floor_t
+        # The fastest step of each: on a shared machine the least contaminated figure.
+        res["step_s_min"] = min(res["step_s_all"])
+        res["min_time_ratio_to_floor"] = res["step_s_min"] / min(floor["step_s_all"])
+        res["step_cpu_s"] = statistics.median(res["step_cpu_s_all"])
+        res["cpu_time_ratio_to_floor"] = res["step_cpu_s"] / floor_cpu
+        res["mem_ratio_to_floor"] = res["peak_mem_bytes"] / floor["peak_mem_bytes"]
+    return results
+
+
+def markdown_table(report: Dict[str, Any]) -> str:
+    lines = ["| configuration | trainable params | step time (s), median | × floor | fastest step × "
+             "floor | step CPU time × floor | peak train memory (MiB) | × floor |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for c, r in report["train"].items():
+        lines.append(f"| {c} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
+                     f"{r['time_ratio_to_floor']:.3f} | {r['min_time_ratio_to_floor']:.3f} | "
+                     f"{r['cpu_time_ratio_to_floor']:.3f} | "
+                     f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['mem_ratio_to_floor']:.3f} |")
+    inf = report["inference"]
+    t = inf["inference_s"]
+    lines += ["", "| inference (batch) | time (s) | × plain |", "| --- | ---: | ---: |"]
+    for k in ("plain", "merged", "unmerged"):
+        lines.append(f"| {k} | {t[k]:.3f} | {t[k] / t['plain']:.3f} |")
+    lines += ["", f"merge_and_unload of the whole model: {inf['merge_s']:.3f} s; "
+                  f"adapter file: {inf['adapter_file_bytes']:,} bytes "
+                  f"({inf['stored_params']:,} stored params); merged vs unmerged max |Δlogit| "
+                  f"{inf['merged_vs_unmerged_max_abs_logit_diff']:.1e}"]
+    return "\n".join(lines)
+
+
+def write_chart(report: Dict[str, Any], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = report["train"]
+    names = list(train)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key, title in ((axes[0], "time_ratio_to_floor", "training step time / floor"),
+                           (axes[1], "mem_ratio_to_floor", "peak training memory / floor")):
+        vals = [train[n][key] for n in names]
+        ax.bar(range(len(names)), vals, color=["grey"] + ["C0"] * (len(names) - 1))
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.set_xticks(range(len(names)), [n.replace("_", "\n", 1) for n in names], fontsize=8)
+        ax.set_title(title)
+        for i, v in enumerate(vals):
+            ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    inf = report["inference"]["inference_s"]
+    keys = ["plain", "merged", "unmerged"]
+    axes[2].bar(keys, [inf[k] / inf["plain"] for k in keys], color=["grey", "C2", "C1"])
+    axes[2].axhline(1.0, color="k", lw=0.8)
+    axes[2].set_title("inference time / plain model")
+    m = report["machine"]
+    fig.suptitle(f"consolidator_hf bench: ViT-{report['args']['model_size']}, batch "
+                 f"{report['args']['batch_size']}, {m['device']}, {m['threads']} threads, "
+                 f"{m.get('cpu_model', m['processor'])}", fontsize=9)
+    fig.tight_layout()
+    from consolidator_hf._io import atomic_path
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="base")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
+    p.add_argument("--threads", type=int, default=2, help="torch intra-op threads per worker")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--configs", nargs="+", choices=TRAIN_CONFIGS, default=TRAIN_CONFIGS,
+                   help="training configurations (floor is always included)")
+    p.add_argument("--output-dir", default="bench_out")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.repeats < 1 or args.threads < 1 or args.warmup < 0:
+        p.error("--batch-size, --repeats and --threads must be >= 1, --warmup >= 0")
+    if args.worker == "inference":
+        inference_worker(args)
+        return {}
+    if args.worker:
+        train_worker(args)
+        return {}
+
+    configs = ["floor"] + [c for c in args.configs if c != "floor"]
+    notes = []
+    if "lora_r8_qv" in configs and not peft_available():
+        configs.remove("lora_r8_qv")
+        notes.append("peft is not installed: LoRA skipped")
+    report: Dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "worker"},
+                              "machine": machine_info(args), "notes": notes}
+    report["train"] = run_training(args, configs)
+    proc = _spawn(args, "inference")
+    report["inference"] = _ask(proc, None, "inference")
+    proc.wait()
+    try:
+        report["machine"]["load_average_at_end"] = list(os.getloadavg())
+    except OSError:
+        pass
+    os.makedirs(args.output_dir, exist_ok=True)
+    from consolidator_hf._io import atomic_write_text
+
+    atomic_write_text(os.path.join(args.output_dir, "bench.json"),
+                      json.dumps(report, indent=2) + "\n")
+    write_chart(report, os.path.join(args.output_dir, "bench.png"))
+    print(markdown_table(report))
+    for n in notes:
+        print("note:", n)
+    print(f"wrote {args.output_dir}/bench.json and bench.png")
+    return report
+
+
+if __name__ == "__main__":
+    main()

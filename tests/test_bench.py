@@ -1,0 +1,48 @@
+"""scripts/bench.py runs end to end at tiny size and writes a valid report (no timing asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_bench_tiny_writes_json_and_chart(tmp_path):
+    out = tmp_path / "bench"
+    configs = ["floor", "consolidator_fast", "consolidator_reference"]
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--model-size", "tiny",
+         "--batch-size", "2", "--repeats", "2", "--warmup", "1", "--threads", "1",
+         "--configs", *configs, "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| consolidator_fast |" in proc.stdout
+
+    report = json.loads((out / "bench.json").read_text())
+    assert set(report) >= {"args", "machine", "train", "inference", "notes"}
+    assert report["args"]["model_size"] == "tiny"
+    assert {"cpu_count", "torch", "threads", "device"} <= set(report["machine"])
+    assert list(report["train"]) == configs
+    for name, r in report["train"].items():
+        assert len(r["step_s_all"]) == 2 and all(t > 0 for t in r["step_s_all"])
+        assert {"step_s", "time_ratio_to_floor", "step_cpu_s", "cpu_time_ratio_to_floor",
+                "step_s_min", "min_time_ratio_to_floor",
+                "peak_mem_bytes", "mem_ratio_to_floor", "trainable_params"} <= set(r)
+        assert r["peak_mem_bytes"] >= 0
+    assert report["train"]["floor"]["time_ratio_to_floor"] == 1.0
+    # Branches add trainable parameters on top of the floor; both impls train the same set.
+    fast, ref = report["train"]["consolidator_fast"], report["train"]["consolidator_reference"]
+    assert fast["trainable_params"] == ref["trainable_params"] > \
+        report["train"]["floor"]["trainable_params"]
+
+    inf = report["inference"]
+    assert set(inf["inference_s"]) == {"plain", "merged", "unmerged"}
+    assert inf["merged_vs_unmerged_max_abs_logit_diff"] <= 1e-5
+    assert inf["merge_s"] > 0
+    # The adapter file holds the stored parameters in fp32 plus a header.
+    assert inf["stored_params"] * 4 < inf["adapter_file_bytes"] < inf["stored_params"] * 4 + 64_000
+
+    png = (out / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
