@@ -1,0 +1,252 @@
+"""mini-VTAB: idx reading, deterministic task generation, backbone pretraining (toy size).
+
+Nothing here needs the Debian Fashion-MNIST package: the Fashion-MNIST-shaped idx files are
+written by the tests from scikit-learn's digits."""
+
+import gzip
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from consolidator_hf.mini_vtab import (
+    PretrainConfig,
+    ensure_backbone,
+    generate_task,
+    generate_tasks,
+    get_task,
+    load_fashion_mnist,
+    read_idx,
+    task_names,
+)
+
+FASHION_TASKS = [n for n in task_names() if get_task(n).source == "fashion_mnist"]
+
+
+def write_idx(path, array):
+    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
+    array = np.ascontiguousarray(array)
+    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+@pytest.fixture(scope="module")
+def fake_fashion(tmp_path_factory):
+    """Fashion-MNIST-shaped idx files (28x28 uint8, labels 0..9) made from shifted digits."""
+    root = tmp_path_factory.mktemp("fashion")
+    digits = load_digits()
+    rng = np.random.default_rng(0)
+
+    # every digit upscaled once to 24x24, then placed at one of 25 offsets on the 28x28 frame
+    big = np.stack([np.asarray(Image.fromarray(s, "L").resize((24, 24), Image.BICUBIC))
+                    for s in np.clip(digits.images * 16, 0, 255).astype(np.uint8)])
+
+    def make(n):
+        # distinct (digit, offset) pairs, so that no two source images are equal (as in the real set)
+        combo = rng.choice(len(big) * 25, size=n, replace=False)
+        out = np.zeros((n, 28, 28), np.uint8)
+        for i, c in enumerate(combo):
+            dy, dx = c % 25 // 5, c % 5
+            out[i, dy:dy + 24, dx:dx + 24] = big[c // 25]
+        return out, digits.target[combo // 25].astype(np.uint8)
+
+    for split, n, prefix in (("train", 1000, "train"), ("test", 6000, "t10k")):
+        images, labels = make(n)
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+    return str(root)
+
+
+def tree_digest(folder):
+    """{relative path: sha256} of every file under ``folder``."""
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def read_split(task_dir, split):
+    with open(os.path.join(task_dir, f"{split}.txt"), encoding="utf-8") as f:
+        rows = [line.split() for line in f.read().splitlines()]
+    return [(p, int(label)) for p, label in rows]
+
+
+# ----------------------------------------------------------------------------- idx reader
+def test_read_idx_roundtrip_and_errors(tmp_path):
+    a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", a)
+    np.testing.assert_array_equal(read_idx(str(tmp_path / "a.gz")), a)
+    b = np.array([1, -2, 70000], dtype=">i4")
+    write_idx(tmp_path / "b.gz", b)
+    np.testing.assert_array_equal(read_idx(str(tmp_path / "b.gz")), [1, -2, 70000])
+
+    with gzip.open(tmp_path / "short.gz", "wb") as f:  # header says 2x3x4, data is shorter
+        f.write(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 3, 4) + b"\0" * 5)
+    with pytest.raises(ValueError, match=r"short\.gz.*shape \(2, 3, 4\)"):
+        read_idx(str(tmp_path / "short.gz"))
+    (tmp_path / "junk.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"junk\.gz"):
+        read_idx(str(tmp_path / "junk.gz"))
+
+
+def test_missing_fashion_mnist_names_the_path_and_the_package(tmp_path):
+    with pytest.raises(FileNotFoundError) as err:
+        load_fashion_mnist("test", str(tmp_path))
+    msg = str(err.value)
+    assert str(tmp_path / "t10k-images-idx3-ubyte.gz") in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+    assert "zalando-datasets/fashion_mnist" in msg
+    with pytest.raises(ValueError, match="split"):
+        load_fashion_mnist("validation", str(tmp_path))
+
+
+def test_fake_fashion_reads_back(fake_fashion):
+    images, labels = load_fashion_mnist("test", fake_fashion)
+    assert images.shape == (6000, 28, 28) and images.dtype == np.uint8
+    assert labels.shape == (6000,) and set(labels.tolist()) == set(range(10))
+
+
+# ----------------------------------------------------------------------------- tasks
+def check_task(task_dir, name, test_size):
+    task = get_task(name)
+    info = json.loads(open(os.path.join(task_dir, "task.json"), encoding="utf-8").read())
+    assert info["num_classes"] == task.num_classes and info["group"] == task.group
+    splits = {s: read_split(task_dir, s) for s in ("train800", "val200", "train800val200", "test")}
+    assert {s: len(v) for s, v in splits.items()} == {
+        "train800": 800, "val200": 200, "train800val200": 1000, "test": test_size}
+    assert info["sizes"] == {s: len(v) for s, v in splits.items()}
+    assert splits["train800val200"] == splits["train800"] + splits["val200"]
+    for split in ("train800", "val200", "test"):
+        for path, label in splits[split]:
+            assert path.startswith(f"images/{split}/") and path.endswith(".jpg")
+            assert 0 <= label < task.num_classes
+    train_labels = {label for _, label in splits["train800val200"]}
+    assert train_labels == set(range(task.num_classes))  # every class shows up
+    with Image.open(os.path.join(task_dir, splits["test"][0][0])) as im:
+        assert im.format == "JPEG" and im.mode == "RGB" and im.size == (32, 32)
+    # no source image is shared between train800val200 and test (pixels differ pairwise)
+    def pixels(split):
+        return {np.asarray(Image.open(os.path.join(task_dir, p))).tobytes() for p, _ in splits[split]}
+    assert not pixels("train800val200") & pixels("test")
+
+
+@pytest.mark.parametrize("name", ["digits", "count"])
+def test_digits_tasks_are_deterministic_with_vtab_sizes(tmp_path, name):
+    a = generate_task(name, str(tmp_path / "a"), seed=0)
+    generate_task(name, str(tmp_path / "b"), seed=0)
+    generate_task(name, str(tmp_path / "c"), seed=1)
+    digest = tree_digest(tmp_path / "a" / name)
+    assert digest == tree_digest(tmp_path / "b" / name)  # byte-identical, every file
+    assert digest != tree_digest(tmp_path / "c" / name)  # the seed matters
+    expected_test = 797 if name == "digits" else 1000  # digits: 1,797 images, 1,000 for training
+    assert a["sizes"]["test"] == expected_test
+    check_task(str(tmp_path / "a" / name), name, expected_test)
+    assert not [f for f in os.listdir(tmp_path / "a") if f.endswith(".tmp")]  # no temp folders left
+
+
+def test_count_labels_match_the_number_of_digits(tmp_path):
+    generate_task("count", str(tmp_path), seed=0)
+    task_dir = tmp_path / "count"
+    ink = {k: [] for k in range(6)}
+    for path, label in read_split(str(task_dir), "train800val200"):
+        ink[label].append(np.asarray(Image.open(task_dir / path).convert("L"), np.float64).sum())
+    per_digit = [np.mean(ink[k]) / (k + 1) for k in range(6)]
+    # ink grows linearly with the count: about the same amount of ink per digit at every label
+    assert max(per_digit) / min(per_digit) < 1.15, per_digit
+    assert all(len(v) > 100 for v in ink.values())
+
+
+def test_fashion_tasks_from_idx_files(tmp_path, fake_fashion):
+    summaries = generate_tasks(str(tmp_path), FASHION_TASKS, seed=0, fashion_dir=fake_fashion, test_size=200)
+    assert set(summaries) == set(FASHION_TASKS)
+    groups = {get_task(n).group for n in task_names()}
+    assert groups == {"natural", "specialized", "structured"}
+    for name in FASHION_TASKS:
+        check_task(str(tmp_path / name), name, 200)
+    again = tmp_path / "again"
+    generate_task("fashion_tops_tinted", str(again), seed=0, fashion_dir=fake_fashion, test_size=200)
+    assert tree_digest(tmp_path / "fashion_tops_tinted") == tree_digest(again / "fashion_tops_tinted")
+
+
+def test_unknown_task_and_missing_source(tmp_path):
+    with pytest.raises(ValueError, match="unknown mini-VTAB task 'cifar'"):
+        generate_task("cifar", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        generate_task("rotation", str(tmp_path), fashion_dir=str(tmp_path / "nowhere"))
+    assert not os.path.exists(tmp_path / "rotation")
+
+
+# ----------------------------------------------------------------------------- backbone
+TOY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+           epochs=4, batch_size=32, learning_rate=3e-3, val_samples=200, log_every=5)
+
+
+@pytest.fixture(scope="module")
+def toy_backbone(tmp_path_factory, fake_fashion):
+    out = str(tmp_path_factory.mktemp("bb") / "backbone")
+    folder, info = ensure_backbone(out, PretrainConfig(**TOY), fashion_dir=fake_fashion, verbose=False,
+                                   num_threads=1)
+    return folder, info
+
+
+def test_toy_pretraining_writes_a_loadable_backbone(toy_backbone, fake_fashion):
+    folder, info = toy_backbone
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "pretrain.json",
+                 "training_curve.json", "training_curve.png", "README.md"):
+        assert os.path.isfile(os.path.join(folder, name)), name
+    curve = json.load(open(os.path.join(folder, "training_curve.json")))
+    assert [e["epoch"] for e in curve["eval"]] == [1, 2, 3, 4]
+    assert curve["log_steps"] == list(range(5, 101, 5))  # 4 epochs x 25 steps, logged every 5th
+    assert info["train_images"] == 800 and info["val_images"] == 200
+    # it learns (from scratch, 100 steps): loss down, held-out accuracy above chance (0.1)
+    assert np.mean(curve["train_loss"][-4:]) < np.mean(curve["train_loss"][:4]) - 0.05
+    assert info["val_accuracy"] > 0.12
+    with Image.open(os.path.join(folder, "training_curve.png")) as im:
+        assert im.format == "PNG"
+
+    # a fresh process with plain transformers (no consolidator_hf) loads and runs it
+    code = (
+        "import sys, json, numpy as np\n"
+        "from PIL import Image\n"
+        "from transformers import AutoImageProcessor, ViTForImageClassification\n"
+        "m = ViTForImageClassification.from_pretrained(sys.argv[1]).eval()\n"
+        "p = AutoImageProcessor.from_pretrained(sys.argv[1])\n"
+        "img = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))\n"
+        "x = p(images=[img], return_tensors='pt')['pixel_values']\n"
+        "print(json.dumps({'logits': list(m(pixel_values=x).logits.shape), 'x': float(x.abs().max()),"
+        " 'labels': m.config.id2label[0], 'mods': sorted(k for k in sys.modules if k.startswith('consolidator'))}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    res = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True,
+                         env=env, cwd=folder, timeout=300)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["logits"] == [1, 10] and out["labels"] == "T-shirt/top" and out["mods"] == []
+    assert abs(out["x"] - 128 / 255 / 0.5 + 1) < 1e-3  # the processor normalises like pretraining
+
+
+def test_ensure_backbone_reuses_a_matching_folder(toy_backbone, fake_fashion, capsys):
+    folder, info = toy_backbone
+    weights = os.path.join(folder, "model.safetensors")
+    before = os.stat(weights).st_mtime_ns
+    again, info2 = ensure_backbone(folder, PretrainConfig(**TOY), fashion_dir=fake_fashion)
+    assert again == folder and info2 == info and os.stat(weights).st_mtime_ns == before
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_pretrain_config_is_validated():
+    with pytest.raises(ValueError, match="num_attention_heads 5 must divide hidden_size 32"):
+        PretrainConfig(hidden_size=32, num_attention_heads=5).validate()
+    with pytest.raises(ValueError, match="patch_size 5"):
+        PretrainConfig(patch_size=5).validate()
