@@ -26,14 +26,14 @@ from consolidator_hf.mini_vtab import (
     read_idx,
     task_names,
 )
+from consolidator_hf.mini_vtab.sources import export_fashion_mnist_idx, write_idx
 
 FASHION_TASKS = [n for n in task_names() if get_task(n).source == "fashion_mnist"]
 
 
-def write_idx(path, array):
-    codes = {np.dtype(np.uint8): 0x08, np.dtype(">i4"): 0x0C}
-    array = np.ascontiguousarray(array)
-    header = bytes([0, 0, codes[array.dtype], array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+def write_int32_idx(path, array):
+    array = np.ascontiguousarray(array, dtype=">i4")
+    header = bytes([0, 0, 0x0C, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     with gzip.open(path, "wb") as f:
         f.write(header + array.tobytes())
 
@@ -60,8 +60,8 @@ def fake_fashion(tmp_path_factory):
 
     for split, n, prefix in (("train", 1000, "train"), ("test", 6000, "t10k")):
         images, labels = make(n)
-        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        write_idx(str(root / f"{prefix}-images-idx3-ubyte.gz"), images)
+        write_idx(str(root / f"{prefix}-labels-idx1-ubyte.gz"), labels)
     return str(root)
 
 
@@ -85,10 +85,9 @@ def read_split(task_dir, split):
 # ----------------------------------------------------------------------------- idx reader
 def test_read_idx_roundtrip_and_errors(tmp_path):
     a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    write_idx(tmp_path / "a.gz", a)
+    write_idx(str(tmp_path / "a.gz"), a)
     np.testing.assert_array_equal(read_idx(str(tmp_path / "a.gz")), a)
-    b = np.array([1, -2, 70000], dtype=">i4")
-    write_idx(tmp_path / "b.gz", b)
+    write_int32_idx(tmp_path / "b.gz", np.array([1, -2, 70000]))
     np.testing.assert_array_equal(read_idx(str(tmp_path / "b.gz")), [1, -2, 70000])
 
     with gzip.open(tmp_path / "short.gz", "wb") as f:  # header says 2x3x4, data is shorter
@@ -115,6 +114,20 @@ def test_fake_fashion_reads_back(fake_fashion):
     images, labels = load_fashion_mnist("test", fake_fashion)
     assert images.shape == (6000, 28, 28) and images.dtype == np.uint8
     assert labels.shape == (6000,) and set(labels.tolist()) == set(range(10))
+
+
+def test_export_a_hub_style_dataset_as_idx(tmp_path, fake_fashion):
+    import datasets
+
+    images, labels = load_fashion_mnist("test", fake_fashion)
+    ds = datasets.Dataset.from_dict(
+        {"image": [Image.fromarray(im, "L") for im in images[:50]], "label": labels[:50].tolist()},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=10)}))
+    paths = export_fashion_mnist_idx(ds, str(tmp_path), "test")
+    assert [os.path.basename(p) for p in paths] == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+    back_images, back_labels = load_fashion_mnist("test", str(tmp_path))
+    np.testing.assert_array_equal(back_images, images[:50])
+    np.testing.assert_array_equal(back_labels, labels[:50])
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -250,3 +263,78 @@ def test_pretrain_config_is_validated():
         PretrainConfig(hidden_size=32, num_attention_heads=5).validate()
     with pytest.raises(ValueError, match="patch_size 5"):
         PretrainConfig(patch_size=5).validate()
+
+
+# ----------------------------------------------------------------------------- benchmark
+def test_summary_aggregates_like_vtab():
+    from consolidator_hf.mini_vtab.benchmark import markdown_table, summarize
+
+    rows = []
+    # digits (natural) 0.80 / 0.90, count (structured) 0.50 / 0.70, rotation (structured) 0.30 / 0.30
+    for task, accs in (("digits", (0.8, 0.9)), ("count", (0.5, 0.7)), ("rotation", (0.3, 0.3))):
+        for seed, acc in enumerate(accs):
+            rows.append({"task": task, "method": "m", "seed": seed, "test_accuracy": acc,
+                         "trainable_params": 10, "stored_params": 8, "base_params": 1000,
+                         "train_runtime_s": 2.0 + seed})
+    s = summarize(rows)["m"]
+    assert s["per_task"]["digits"][0] == pytest.approx(85.0)
+    assert s["per_task"]["digits"][1] == pytest.approx(np.std([80, 90], ddof=1))
+    assert s["group_means"] == pytest.approx({"natural": 85.0, "structured": 45.0})
+    assert s["average"] == pytest.approx(65.0)  # mean of the group means
+    assert s["mean"] == pytest.approx((85 + 60 + 30) / 3)  # plain mean over tasks
+    assert s["train_time_s"] == pytest.approx(2.5)
+    table = markdown_table({"m": s}, ["rotation", "digits", "count"])
+    header, _, row = table.splitlines()
+    assert header.index("digits") < header.index("rotation") < header.index("count")  # grouped
+    assert "85.0 ± 7.1" in row and "**65.0**" in row and "10 (1.00 %)" in row and "8 (0.80 %)" in row
+
+
+def test_default_methods_grids():
+    from consolidator_hf.mini_vtab.benchmark import default_methods, quick_methods
+
+    methods = default_methods(96)
+    assert [m.label for m in methods] == ["linear", "bitfit", "lora", "full",
+                                          "consolidator-g48", "consolidator-g12"]
+    assert methods[4].fixed == {"groups": (48,)}  # 2-channel blocks, as the paper's 384 for width 768
+    assert len(methods[0].grid()) == 4 and len(methods[4].grid()) == 8
+    assert all(len(m.grid()) == 1 for m in quick_methods(methods))
+    with pytest.raises(ValueError, match="hidden_size 100"):
+        default_methods(100)
+
+
+def test_quick_benchmark_end_to_end(tmp_path, toy_backbone):
+    folder, _ = toy_backbone
+    out, data = tmp_path / "out", tmp_path / "data"
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "scripts", "mini_vtab.py"),
+           "--quick", "--backbone", folder, "--data-dir", str(data), "--output-dir", str(out),
+           "--threads", "1", "--epochs", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    labels = ["linear", "bitfit", "lora", "full", "consolidator-g16", "consolidator-g4"]
+    md = (out / "results.md").read_text()
+    for label in labels:
+        assert f"| {label} | " in md, label
+    import csv
+
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["method"] for r in rows] == labels and {r["task"] for r in rows} == {"digits"}
+    for r in rows:
+        metrics = json.load(open(out / "runs" / "digits" / r["method"] / "final-seed0" / "metrics.json"))
+        assert float(r["test_accuracy"]) == metrics["accuracy"] and 0 <= metrics["accuracy"] <= 1
+        assert metrics["eval_split"] == "test" and metrics["num_eval_examples"] == 797
+        assert metrics["train_split"] == "train800val200" and metrics["num_train_examples"] == 1000
+        grid = json.load(open(out / "runs" / "digits" / r["method"] / "grid0" / "metrics.json"))
+        assert grid["eval_split"] == "val200" and grid["num_eval_examples"] == 200
+    by = {r["method"]: r for r in rows}
+    assert int(by["full"]["trainable_params"]) > int(by["consolidator-g4"]["trainable_params"]) \
+        > int(by["consolidator-g16"]["trainable_params"]) > int(by["linear"]["trainable_params"])
+    with Image.open(out / "results.png") as im:
+        assert im.format == "PNG"
+    summary = json.load(open(out / "summary.json"))
+    assert set(summary) == set(labels)
+
+    # started again: every run is reused, nothing trains, the same table comes out
+    res2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res2.returncode == 0, res2.stderr[-3000:]
+    assert ": acc " not in res2.stdout
+    assert list(csv.DictReader(open(out / "results.csv"))) == rows

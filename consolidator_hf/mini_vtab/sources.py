@@ -3,9 +3,9 @@
 - Fashion-MNIST (70,000 28x28 grey images, 10 classes) from the gzip idx files that Debian's
   ``dataset-fashion-mnist`` package installs under ``/usr/share/datasets/fashion-mnist/``
   (``apt-get install dataset-fashion-mnist``). With network access the same images are on the Hub
-  as ``zalando-datasets/fashion_mnist``
-  (``consolidator_hf.data.load_image_dataset("zalando-datasets/fashion_mnist", "test")``); write
-  them out as idx files, or point ``fashion_dir`` at any folder holding the four idx files.
+  as ``zalando-datasets/fashion_mnist``: :func:`export_fashion_mnist_idx` writes such a dataset
+  (``consolidator_hf.data.load_image_dataset("zalando-datasets/fashion_mnist", "test")``) as idx
+  files; point ``fashion_dir`` at any folder holding the four idx files.
 - scikit-learn's digits (1,797 8x8 grey images, 10 classes), shipped inside scikit-learn.
 
 Every image comes back as ``uint8`` numpy arrays, ``images (N, H, W)`` and ``labels (N,)``.
@@ -59,6 +59,36 @@ def read_idx(path: str) -> np.ndarray:
         raise ValueError(f"{path}: idx header says shape {shape} ({expected} bytes of data), "
                          f"the file holds {len(data) - header}")
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Write a uint8 array as a gzip idx file (the inverse of :func:`read_idx` for uint8), atomically."""
+    from .._io import atomic_path
+
+    array = np.ascontiguousarray(array)
+    if array.dtype != np.uint8:
+        raise ValueError(f"{path}: write_idx writes uint8 arrays, got {array.dtype}")
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with atomic_path(path) as tmp:
+        # mtime=0: the same array gives the same bytes
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as f:
+            f.write(header + array.tobytes())
+
+
+def export_fashion_mnist_idx(dataset, fashion_dir: str, split: str) -> Tuple[str, str]:
+    """Write a ``datasets.Dataset`` with ``image`` (28x28) and ``label`` columns -- e.g.
+    ``load_image_dataset("zalando-datasets/fashion_mnist", split)`` on a machine with network --
+    as the two idx files :func:`load_fashion_mnist` reads for ``split``. Returns their paths."""
+    if split not in FASHION_MNIST_FILES:
+        raise ValueError(f"Fashion-MNIST split must be one of {sorted(FASHION_MNIST_FILES)}, got {split!r}")
+    images = np.stack([np.asarray(im.convert("L"), dtype=np.uint8) for im in dataset["image"]])
+    labels = np.asarray(dataset["label"], dtype=np.uint8)
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"Fashion-MNIST images are 28x28, the dataset holds {images.shape[1:]}")
+    paths = tuple(os.path.join(fashion_dir, name) for name in FASHION_MNIST_FILES[split])
+    write_idx(paths[0], images)
+    write_idx(paths[1], labels)
+    return paths  # type: ignore[return-value]
 
 
 def fashion_mnist_dir(fashion_dir: Optional[str] = None) -> str:
