@@ -14,6 +14,7 @@ the command is started again.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -68,6 +69,8 @@ def main(argv=None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup-epochs", type=float, default=None, help="default: a tenth of the epochs")
     p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--weight-decays", nargs="+", type=float, default=None,
+                   help="replace every method's weight-decay grid (default: 1e-4 1e-2)")
     p.add_argument("--backbone", default=None,
                    help="a pretrained backbone folder (default: pretrain or reuse the cached one)")
     p.add_argument("--data-dir", default="data/mini-vtab", help="where the tasks are (or get) written")
@@ -105,6 +108,8 @@ def main(argv=None) -> None:
         if unknown:
             sys.exit(f"--methods: unknown {sorted(unknown)}; known: {[m.label for m in methods]}")
         methods = [m for m in methods if m.label in args.methods]
+    if args.weight_decays:
+        methods = [dataclasses.replace(m, weight_decays=tuple(args.weight_decays)) for m in methods]
     if args.quick:
         methods = quick_methods(methods)
 

@@ -323,7 +323,8 @@ def test_quick_benchmark_end_to_end(tmp_path, toy_backbone):
         assert float(r["test_accuracy"]) == metrics["accuracy"] and 0 <= metrics["accuracy"] <= 1
         assert metrics["eval_split"] == "test" and metrics["num_eval_examples"] == 797
         assert metrics["train_split"] == "train800val200" and metrics["num_train_examples"] == 1000
-        grid = json.load(open(out / "runs" / "digits" / r["method"] / "grid0" / "metrics.json"))
+        point = f"grid-lr{float(r['learning_rate']):g}-wd{float(r['weight_decay']):g}-drop{float(r['drop_rate']):g}"
+        grid = json.load(open(out / "runs" / "digits" / r["method"] / point / "metrics.json"))
         assert grid["eval_split"] == "val200" and grid["num_eval_examples"] == 200
     by = {r["method"]: r for r in rows}
     assert int(by["full"]["trainable_params"]) > int(by["consolidator-g4"]["trainable_params"]) \
@@ -338,3 +339,8 @@ def test_quick_benchmark_end_to_end(tmp_path, toy_backbone):
     assert res2.returncode == 0, res2.stderr[-3000:]
     assert ": acc " not in res2.stdout
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
+    # ...unless a setting changed: then exactly the affected runs train again
+    res3 = subprocess.run(cmd[:-1] + ["2", "--methods", "linear"], capture_output=True, text=True, timeout=600)
+    assert res3.returncode == 0, res3.stderr[-3000:]
+    assert res3.stdout.count("settings changed since the stored run") == 2  # its grid point and final run
+    assert [r["method"] for r in csv.DictReader(open(out / "results.csv"))] == ["linear"]

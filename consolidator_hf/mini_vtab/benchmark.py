@@ -103,16 +103,18 @@ def _run_dir(cfg: BenchmarkConfig, task: str, label: str, name: str) -> str:
     return os.path.join(cfg.output_dir, "runs", task, label, name)
 
 
+def _point_name(point: Dict[str, float]) -> str:
+    """A grid point's folder name, by value (so that a changed grid never reuses a wrong run)."""
+    return f"grid-lr{point['learning_rate']:g}-wd{point['weight_decay']:g}-drop{point['drop_rate']:g}"
+
+
 def _finetune(cfg: BenchmarkConfig, task: str, spec: MethodSpec, point: Dict[str, float], *,
               seed: int, train_split: str, eval_split: str, out: str,
               log: Callable[[str], None]) -> Dict[str, Any]:
-    """One ``run_finetune`` call; reuses ``out/metrics.json`` when a previous run finished."""
-    from ..training import FinetuneConfig, run_finetune
+    """One ``run_finetune`` call; reuses ``out/metrics.json`` when a previous run finished with
+    exactly the same settings (anything else is trained again)."""
+    from ..training import FinetuneConfig, apply_recipe, run_finetune
 
-    done = os.path.join(out, "metrics.json")
-    if os.path.isfile(done):
-        with open(done, encoding="utf-8") as f:
-            return json.load(f)
     fields = dict(cfg.train_kwargs)
     fields.update(spec.fixed)
     fields.update(point if spec.method == "consolidator" else
@@ -120,6 +122,18 @@ def _finetune(cfg: BenchmarkConfig, task: str, spec: MethodSpec, point: Dict[str
     ft = FinetuneConfig(model=cfg.backbone, task=task, data_dir=cfg.data_dir,
                         num_classes=get_task(task).num_classes, train_split=train_split,
                         eval_split=eval_split, method=spec.method, seed=seed, output_dir=out, **fields)
+    done = os.path.join(out, "metrics.json")
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as f:
+            previous = json.load(f)
+        # JSON round trip: tuples become lists, as in the stored copy; where the folder lives
+        # is not a setting (an output folder may be moved)
+        wanted = json.loads(json.dumps(apply_recipe(ft).to_dict()))
+        stored = dict(previous.get("config") or {})
+        stored["output_dir"] = wanted["output_dir"]
+        if stored == wanted:
+            return previous
+        log(f"  {out}: settings changed since the stored run, training again")
     t0 = time.perf_counter()
     metrics = run_finetune(ft)
     log(f"  {task:20s} {spec.label:18s} {train_split}->{eval_split} seed {seed} "
@@ -137,7 +151,7 @@ def _run_unit(cfg: BenchmarkConfig, task: str, spec: MethodSpec,
     scores = []
     for i, point in enumerate(spec.grid()):
         m = _finetune(cfg, task, spec, point, seed=cfg.seeds[0], train_split="train800",
-                      eval_split="val200", out=_run_dir(cfg, task, spec.label, f"grid{i}"), log=log)
+                      eval_split="val200", out=_run_dir(cfg, task, spec.label, _point_name(point)), log=log)
         scores.append(m["accuracy"])
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))
     point = spec.grid()[best]
