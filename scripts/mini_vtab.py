@@ -1,0 +1,154 @@
+"""mini-VTAB: every method on every task, in the VTAB-1k protocol, offline on a CPU.
+
+    python scripts/mini_vtab.py                 # the full benchmark (7 tasks, 6 methods, 3 seeds)
+    python scripts/mini_vtab.py --quick         # one digits task, one seed, a one-point grid
+
+Steps: (1) generate the tasks (skipped when the data folder already holds them for this seed);
+(2) pretrain the backbone on Fashion-MNIST, or reuse the cached one (``--backbone DIR`` uses a
+given folder); (3) for each task and method, pick lr / weight decay (/ drop rate) on val200,
+retrain on train800val200 with every seed, test once; (4) write results.md, results.csv,
+selection.csv, summary.json and results.png to ``--output-dir``. Finished runs are reused when
+the command is started again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from consolidator_hf.mini_vtab import (
+    PretrainConfig,
+    ensure_backbone,
+    generate_task,
+    get_task,
+    read_pretrain_info,
+    task_names,
+)
+from consolidator_hf.mini_vtab.benchmark import (
+    BenchmarkConfig,
+    default_methods,
+    machine_description,
+    quick_methods,
+    run_benchmark,
+    write_report,
+)
+from consolidator_hf.mini_vtab.tasks import GENERATOR_VERSION
+
+QUICK_TASK = "digits"  # needs scikit-learn only, no Fashion-MNIST
+
+
+def ensure_tasks(data_dir: str, names, seed: int, fashion_dir=None) -> None:
+    for name in names:
+        info_path = os.path.join(data_dir, name, "task.json")
+        if os.path.isfile(info_path):
+            with open(info_path, encoding="utf-8") as f:
+                info = json.load(f)
+            if info.get("seed") == seed and info.get("generator_version") == GENERATOR_VERSION:
+                continue
+        t0 = time.perf_counter()
+        generate_task(name, data_dir, seed=seed, fashion_dir=fashion_dir)
+        print(f"generated task {name} in {data_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"one task ({QUICK_TASK}), one seed, a one-point grid, --epochs 2 unless given")
+    p.add_argument("--tasks", nargs="+", default=None, choices=task_names(), help="default: all")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="row labels to run (default: all six: linear bitfit lora full consolidator-g<h/2> consolidator-g<h/8>)")
+    p.add_argument("--seeds", nargs="+", type=int, default=None, help="default: 0 1 2 (quick: 0)")
+    p.add_argument("--epochs", type=float, default=None, help="epochs per run (default 10; quick: 2)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--warmup-epochs", type=float, default=None, help="default: a tenth of the epochs")
+    p.add_argument("--lora-r", type=int, default=8)
+    p.add_argument("--weight-decays", nargs="+", type=float, default=None,
+                   help="replace every method's weight-decay grid (default: 1e-4 1e-2)")
+    p.add_argument("--backbone", default=None,
+                   help="a pretrained backbone folder (default: pretrain or reuse the cached one)")
+    p.add_argument("--data-dir", default="data/mini-vtab", help="where the tasks are (or get) written")
+    p.add_argument("--task-seed", type=int, default=0, help="seed of the task generation")
+    p.add_argument("--fashion-dir", default=None, help="Fashion-MNIST idx folder (default: the Debian package's)")
+    p.add_argument("--output-dir", default="outputs/mini-vtab")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: torch's; 1 helps on a CPU shared with other jobs)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(task, method) units run at once in worker processes, one torch thread each "
+                        "(2 on a 2-core machine is faster than one process with 2 threads)")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tasks = args.tasks or ([QUICK_TASK] if args.quick else task_names())
+    seeds = args.seeds or ([0] if args.quick else [0, 1, 2])
+    epochs = args.epochs if args.epochs is not None else (2.0 if args.quick else 10.0)
+    warmup = args.warmup_epochs if args.warmup_epochs is not None else epochs / 10
+
+    start = time.perf_counter()
+    ensure_tasks(args.data_dir, tasks, args.task_seed, args.fashion_dir)
+    if args.backbone:
+        backbone, info = args.backbone, read_pretrain_info(args.backbone)
+        if not os.path.isfile(os.path.join(backbone, "config.json")):
+            sys.exit(f"--backbone {backbone}: no config.json there (a Hugging Face model folder is expected)")
+    else:
+        backbone, info = ensure_backbone(None, PretrainConfig(), fashion_dir=args.fashion_dir,
+                                         num_threads=args.threads)
+    with open(os.path.join(backbone, "config.json"), encoding="utf-8") as f:
+        model_config = json.load(f)
+    methods = default_methods(int(model_config["hidden_size"]), lora_r=args.lora_r)
+    if args.methods:
+        unknown = set(args.methods) - {m.label for m in methods}
+        if unknown:
+            sys.exit(f"--methods: unknown {sorted(unknown)}; known: {[m.label for m in methods]}")
+        methods = [m for m in methods if m.label in args.methods]
+    if args.weight_decays:
+        methods = [dataclasses.replace(m, weight_decays=tuple(args.weight_decays)) for m in methods]
+    if args.quick:
+        methods = quick_methods(methods)
+
+    train_kwargs = dict(num_train_epochs=epochs, batch_size=args.batch_size, eval_batch_size=250,
+                        warmup_epochs=warmup, preprocess="processor", save_strategy="no",
+                        logging_steps=50, use_cpu=True)
+    cfg = BenchmarkConfig(backbone=backbone, data_dir=args.data_dir, output_dir=args.output_dir,
+                          tasks=tasks, methods=methods, seeds=seeds, train_kwargs=train_kwargs)
+    n_grid = sum(len(m.grid()) for m in methods) * len(tasks)
+    print(f"mini-VTAB: {len(tasks)} task(s) x {len(methods)} method(s): {n_grid} grid runs + "
+          f"{len(tasks) * len(methods) * len(seeds)} final runs, {epochs:g} epochs each", flush=True)
+    result = run_benchmark(cfg, log=lambda s: print(s, flush=True), jobs=args.jobs,
+                           threads_per_job=args.threads or 1)
+    wall = time.perf_counter() - start
+
+    command = "python scripts/mini_vtab.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    header = "\n".join([
+        f"## mini-VTAB results ({'quick' if args.quick else 'full'})\n",
+        f"- command: `{command.strip()}`",
+        f"- machine: {machine_description()}" + (f"; {args.jobs} worker processes" if args.jobs > 1 else ""),
+        f"- finished: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, wall time {wall / 60:.1f} min "
+        f"(task generation, backbone and every run)",
+        f"- backbone: `{backbone}`"
+        + (f" (ViT width {model_config['hidden_size']}, {model_config['num_hidden_layers']} layers, "
+           f"patch {model_config['patch_size']}, {info['num_parameters']:,} parameters, Fashion-MNIST "
+           f"held-out accuracy {info['val_accuracy']:.3f})" if info else ""),
+        f"- protocol: grid on train800 -> val200 (seed {seeds[0]}), retrain on train800val200, test once; "
+        f"seeds {', '.join(map(str, seeds))}; {epochs:g} epochs, batch {args.batch_size}, AdamW, "
+        f"warmup {warmup:g} epochs then cosine; tasks generated with seed {args.task_seed}",
+        "- grids: " + "; ".join(
+            f"{m.label}: lr {list(m.learning_rates)} x wd {list(m.weight_decays)}"
+            + (f" x drop {list(m.drop_rates)}" if m.method == "consolidator" else "") for m in methods),
+        "",
+    ])
+    paths = write_report(result, args.output_dir, tasks=tasks, header=header)
+    with open(paths["results.md"], encoding="utf-8") as f:
+        print(f.read())
+    print(f"wrote {', '.join(paths.values())}; total {wall / 60:.1f} min")
+
+
+if __name__ == "__main__":
+    main()
