@@ -88,3 +88,13 @@ def resolve_file(path_or_repo: PathLike, filename: str, *, revision: Optional[st
             f"could not find {filename} in {path_or_repo!r}: it is not a local folder and the Hub "
             f"download failed ({type(e).__name__}: {e})"
         ) from None
+
+
+def cache_dir(*parts: str) -> str:
+    """The project's cache folder (cached backbones): ``$CONSOLIDATOR_HF_CACHE``, else
+    ``$XDG_CACHE_HOME/consolidator_hf``, else ``~/.cache/consolidator_hf``; ``parts`` below it."""
+    root = os.environ.get("CONSOLIDATOR_HF_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "consolidator_hf")
+    return os.path.join(root, *parts)

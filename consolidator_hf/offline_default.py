@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._io import atomic_write_text
+from ._io import atomic_write_text, cache_dir
 from .training import FinetuneConfig, run_finetune
 
 SOURCE_TASK = "digits_0to4"
@@ -35,12 +35,8 @@ SPLITS = ("train800", "val200", "train800val200", "test")
 
 
 def default_cache_dir() -> str:
-    """``$CONSOLIDATOR_HF_CACHE``, else ``$XDG_CACHE_HOME/consolidator_hf``, else
-    ``~/.cache/consolidator_hf``."""
-    if os.environ.get("CONSOLIDATOR_HF_CACHE"):
-        return os.environ["CONSOLIDATOR_HF_CACHE"]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "consolidator_hf")
+    """Where the pretrained backbone is cached (see :func:`consolidator_hf._io.cache_dir`)."""
+    return cache_dir()
 
 
 @dataclass

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .._io import cache_dir
 from .sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 PRETRAIN_INFO = "pretrain.json"
@@ -86,10 +87,8 @@ class PretrainConfig:
 
 
 def default_cache_dir() -> str:
-    """``$CONSOLIDATOR_HF_CACHE`` or ``~/.cache/consolidator_hf``, plus ``mini_vtab``."""
-    root = os.environ.get("CONSOLIDATOR_HF_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "consolidator_hf")
-    return os.path.join(root, "mini_vtab")
+    """The project's cache folder (:func:`consolidator_hf._io.cache_dir`) plus ``mini_vtab``."""
+    return cache_dir("mini_vtab")
 
 
 def default_backbone_dir(cfg: Optional[PretrainConfig] = None) -> str:
