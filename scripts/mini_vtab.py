@@ -71,6 +71,10 @@ def main(argv=None) -> None:
     p.add_argument("--lora-r", type=int, default=8)
     p.add_argument("--weight-decays", nargs="+", type=float, default=None,
                    help="replace every method's weight-decay grid (default: 1e-4 1e-2)")
+    p.add_argument("--peft-learning-rates", nargs="+", type=float, default=None,
+                   help="lr grid of every method but full fine-tuning (default: 3e-3 1e-2)")
+    p.add_argument("--full-learning-rates", nargs="+", type=float, default=None,
+                   help="lr grid of full fine-tuning (default: 3e-4 1e-3)")
     p.add_argument("--backbone", default=None,
                    help="a pretrained backbone folder (default: pretrain or reuse the cached one)")
     p.add_argument("--data-dir", default="data/mini-vtab", help="where the tasks are (or get) written")
@@ -110,6 +114,10 @@ def main(argv=None) -> None:
         methods = [m for m in methods if m.label in args.methods]
     if args.weight_decays:
         methods = [dataclasses.replace(m, weight_decays=tuple(args.weight_decays)) for m in methods]
+    for lrs, is_full in ((args.peft_learning_rates, False), (args.full_learning_rates, True)):
+        if lrs:
+            methods = [dataclasses.replace(m, learning_rates=tuple(lrs)) if (m.method == "full") == is_full
+                       else m for m in methods]
     if args.quick:
         methods = quick_methods(methods)
 

@@ -340,7 +340,10 @@ def test_quick_benchmark_end_to_end(tmp_path, toy_backbone):
     assert ": acc " not in res2.stdout
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
     # ...unless a setting changed: then exactly the affected runs train again
-    res3 = subprocess.run(cmd[:-1] + ["2", "--methods", "linear"], capture_output=True, text=True, timeout=600)
+    res3 = subprocess.run(cmd[:-1] + ["2", "--methods", "linear", "full", "--peft-learning-rates", "0.02",
+                                      "--full-learning-rates", "0.002"], capture_output=True, text=True, timeout=600)
     assert res3.returncode == 0, res3.stderr[-3000:]
-    assert res3.stdout.count("settings changed since the stored run") == 2  # its grid point and final run
-    assert [r["method"] for r in csv.DictReader(open(out / "results.csv"))] == ["linear"]
+    assert res3.stdout.count("settings changed since the stored run") == 2  # the two final runs
+    rows3 = list(csv.DictReader(open(out / "results.csv")))
+    assert [(r["method"], float(r["learning_rate"])) for r in rows3] == [("linear", 0.02), ("full", 0.002)]
+    assert (out / "runs" / "digits" / "full" / "grid-lr0.002-wd0.0001-drop0" / "metrics.json").is_file()
