@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_save_safetensors, load_safetensors, resolve_file
-from .config import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, ConsolidatorConfig
+from .config import FORMAT_VERSION, WEIGHTS_NAME, ConsolidatorConfig
 from .drop_path import BackboneDropPath, add_backbone_drop_path
 from .layer import ConsolidatorLinear
 from .targets import default_target_modules, name_matches, qkv_modules, rename_4_to_5

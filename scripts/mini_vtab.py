@@ -27,7 +27,6 @@ from consolidator_hf.mini_vtab import (
     PretrainConfig,
     ensure_backbone,
     generate_task,
-    get_task,
     read_pretrain_info,
     task_names,
 )

@@ -1,6 +1,5 @@
 """Tiny VTAB-format folders and tiny "pretrained" backbones saved to disk (no Hub)."""
 
-import os
 
 import numpy as np
 from PIL import Image

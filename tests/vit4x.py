@@ -9,7 +9,6 @@ installed ones (their names did not change).
 
 import math
 
-import torch
 from torch import nn
 from transformers import ViTConfig
 from transformers.modeling_outputs import ImageClassifierOutput

@@ -20,8 +20,6 @@ import json
 import math
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
@@ -30,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._io import cache_dir
+from .._io import atomic_dir, cache_dir
 from .sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 PRETRAIN_INFO = "pretrain.json"
@@ -268,11 +266,7 @@ def _pretrain(output_dir: str, cfg: PretrainConfig, fashion_dir: Optional[str],
                                   resample=3, do_rescale=True, rescale_factor=1 / 255,
                                   do_normalize=True, image_mean=[MEAN] * 3, image_std=[STD] * 3)
 
-    output_dir = os.path.abspath(output_dir)
-    parent = os.path.dirname(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix="." + os.path.basename(output_dir) + ".", suffix=".tmp")
-    try:
+    with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, CURVE_JSON), "w", encoding="utf-8") as f:
@@ -283,13 +277,6 @@ def _pretrain(output_dir: str, cfg: PretrainConfig, fashion_dir: Optional[str],
         # written last: its presence marks a complete folder for ensure_backbone
         with open(os.path.join(tmp, PRETRAIN_INFO), "w", encoding="utf-8") as f:
             json.dump(info, f, indent=2)
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(output_dir):
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return info
 
 

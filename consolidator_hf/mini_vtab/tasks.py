@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -35,6 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
+from .._io import atomic_dir
 from .sources import FASHION_MNIST_CLASSES, load_digits_images, load_fashion_mnist
 
 IMAGE_SIZE = 32
@@ -316,10 +315,7 @@ def generate_task(name: str, data_dir: str, *, seed: int = 0, fashion_dir: Optio
         if labs.min() < 0 or labs.max() >= task.num_classes:  # a builder bug, never user input
             raise AssertionError(f"{name}/{split_name}: labels outside 0..{task.num_classes - 1}")
 
-    os.makedirs(data_dir, exist_ok=True)
-    final = os.path.join(data_dir, name)
-    tmp = tempfile.mkdtemp(dir=data_dir, prefix=f".{name}.", suffix=".tmp")
-    try:
+    with atomic_dir(os.path.join(data_dir, name)) as tmp:
         train = _write_split(tmp, "train800", tv_images[:TRAIN_SIZE], tv_labels[:TRAIN_SIZE])
         val = _write_split(tmp, "val200", tv_images[TRAIN_SIZE:], tv_labels[TRAIN_SIZE:])
         test = _write_split(tmp, "test", te_images, te_labels)
@@ -335,13 +331,6 @@ def generate_task(name: str, data_dir: str, *, seed: int = 0, fashion_dir: Optio
                       "train800val200": len(train) + len(val), "test": len(test)},
         }
         _write_lines(os.path.join(tmp, "task.json"), [json.dumps(summary, indent=2, sort_keys=True)])
-        os.chmod(tmp, 0o755)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return summary
 
 
