@@ -1,6 +1,6 @@
 """Top-1 accuracy as an ``evaluate.Metric`` that needs no Hub download.
 
-``evaluate.load("accuracy")`` fetches a script from the Hub; this class is defined in the package,
+Loading the Hub's ``accuracy`` metric through ``evaluate`` fetches a script from the Hub; this class is defined in the package,
 so it works with ``HF_HUB_OFFLINE=1``. The module imports nothing from ``consolidator_hf`` so that
 ``evaluate.load("<path to this file>")`` can load it too.
 """
