@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from consolidator_hf import ConsolidatorConfig, ConsolidatorModel, get_consolidator_model
 from consolidator_hf.recipes import paper_recipe
 from consolidator_hf.data import shared_recipe, get_task
-from tiny import TINY, pixels, tiny_vit
+from tiny import TINY, perturb_trainables, pixels, tiny_vit
 from vit4x import to_4x_layout
 
 D = TINY["hidden_size"]  # 32
@@ -23,14 +23,6 @@ def cfg(**kw):
 def qkv_layers(model, block=0):
     return [model.base_model.get_submodule(f"vit.layers.{block}.attention.{p}")
             for p in ("q_proj", "k_proj", "v_proj")]
-
-
-def perturb(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("groups", [(8,), (16, 4)])
@@ -85,7 +77,7 @@ def test_merge_exactness_and_save_load(shuffle, tmp_path):
     x = pixels()
     model = get_consolidator_model(tiny_vit(), cfg(groups=(8, 4), channel_shuffle=shuffle,
                                                    drop_rate=0.2)).eval()
-    perturb(model)
+    perturb_trainables(model)
     y = model(x).logits
     assert (y - tiny_vit()(x).logits).abs().max() > 1e-3
     for consolidate in (True, False):
@@ -106,7 +98,7 @@ def test_fused_with_4x_module_names():
     offsets = {n.rsplit(".", 1)[-1]: (l.row_offset, l.virtual_out_features)
                for n, l in model.consolidator_layers() if ".layer.0.attention.attention." in n}
     assert offsets == {"query": (0, 3 * D), "key": (D, 3 * D), "value": (2 * D, 3 * D)}
-    perturb(model)
+    perturb_trainables(model)
     y = model(pixels()).logits
     model.merge_adapter()
     assert (model(pixels()).logits - y).abs().max() <= 1e-5

@@ -15,22 +15,13 @@ from consolidator_hf import (
     get_consolidator_model,
 )
 from consolidator_hf.targets import TARGET_MODULES, default_target_modules, rename_4_to_5
-from tiny import pixels, tiny_deit, tiny_dinov2, tiny_vit
+from tiny import perturb_trainables, pixels, tiny_deit, tiny_dinov2, tiny_vit
 
 
 def cfg(**kw):
     kw.setdefault("groups", (8,))
     kw.setdefault("init_range", 0.05)
     return ConsolidatorConfig(**kw)
-
-
-def perturb_trainables(model, seed=1):
-    """Make every trainable tensor differ from its initial value, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad:
-                p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("groups", [(8,), (8, 4)])

@@ -32,3 +32,12 @@ def tiny_dinov2(seed: int = 0) -> Dinov2ForImageClassification:
 def pixels(n: int = 2, seed: int = 1) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, 3, 16, 16, generator=g)
+
+
+def perturb_trainables(model, seed: int = 1) -> None:
+    """Make every trainable tensor differ from its initial value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
