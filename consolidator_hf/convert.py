@@ -474,18 +474,11 @@ def _adapter_model(vit: TimmViT, base: torch.nn.Module, channel_shuffle: bool):
 # ---------------------------------------------------------------------- writing
 
 def paper_image_processor(image_size: int = 224):
-    """The paper's preprocessing: bicubic resize straight to ``image_size``, ImageNet mean/std."""
-    from transformers import ViTImageProcessor
-    from transformers.image_utils import PILImageResampling
+    """The paper's preprocessing: bicubic resize straight to ``image_size``, ImageNet mean/std
+    (the ``"paper"`` preset of :func:`consolidator_hf.hub.default_image_processor`)."""
+    from .hub import default_image_processor
 
-    from .data.registry import shared_recipe
-
-    shared = shared_recipe()
-    return ViTImageProcessor(
-        do_resize=True, size={"height": image_size, "width": image_size},
-        resample=PILImageResampling.BICUBIC, do_rescale=True, do_normalize=True,
-        image_mean=list(shared["normalize_mean"]), image_std=list(shared["normalize_std"]),
-    )
+    return default_image_processor(image_size, "paper")
 
 
 def _model_card(vit: TimmViT, source: str, merged: bool, shuffle: bool, heads: int) -> str:

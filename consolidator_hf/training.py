@@ -31,8 +31,6 @@ RECIPES = ("custom", "paper")
 #: Trainable tensors of a non-Consolidator method (checkpoints and ``adapter/``).
 TRAINABLE_WEIGHTS_NAME = "trainable_params.safetensors"
 _TRAINABLE_FORMAT = "consolidator_hf-trainable"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -368,14 +366,12 @@ def parameter_summary(model: nn.Module) -> Dict[str, int]:
 def _load_processor(cfg: FinetuneConfig, image_size: int):
     """The image processor saved with the merged model: the backbone's own for
     ``preprocess="processor"``; one describing the paper preprocessing for ``"paper"``."""
-    from transformers import AutoImageProcessor, ViTImageProcessor
+    from transformers import AutoImageProcessor
 
     if cfg.preprocess == "paper":
-        from PIL import Image
+        from .hub import default_image_processor
 
-        return ViTImageProcessor(do_resize=True, size={"height": image_size, "width": image_size},
-                                 resample=Image.BICUBIC, image_mean=list(IMAGENET_MEAN),
-                                 image_std=list(IMAGENET_STD))
+        return default_image_processor(image_size, "paper")
     try:
         return AutoImageProcessor.from_pretrained(cfg.model)
     except (OSError, ValueError) as e:
