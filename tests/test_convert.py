@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from consolidator_hf import ConsolidatorModel
 from consolidator_hf.convert import ConversionError, convert_checkpoint, load_checkpoint
+from script_module import load_script
 
 D, M, P, GRID, DEPTH, LABELS = 64, 128, 4, 4, 2, 5
 GROUPS = (8, 4)  # two branches
@@ -172,12 +173,7 @@ def test_paper_checkpoints_convert_to_merged_models(tmp_path):
 
 
 def run_script_in_process(argv):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("convert_original", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main(argv)
+    return load_script("convert_original").main(argv)
 
 
 def test_adapter_output_loads_unmerged_merges_and_trains(tmp_path, capsys):

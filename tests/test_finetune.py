@@ -1,7 +1,6 @@
 """scripts/finetune.py: YAML + flags, the distributed CPU run, and the offline default at a
 reduced size."""
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ from consolidator_hf.offline_default import (
     backbone_name,
     run_offline_default,
 )
+from script_module import load_script
 from tiny_vtab import save_tiny_backbone, write_tiny_vtab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,10 +25,7 @@ SCRIPT = os.path.join(ROOT, "scripts", "finetune.py")
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("finetune_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("finetune")
 
 
 @pytest.fixture(scope="module")

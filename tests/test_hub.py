@@ -5,7 +5,6 @@ transformers call; every test gets its own server, cache folder and token.
 """
 
 import base64
-import importlib.util
 import json
 import os
 import subprocess
@@ -31,6 +30,7 @@ from consolidator_hf import (
 )
 from consolidator_hf.hub import build_model_card, load_metrics
 from hub_server import MiniHub, git_blob_sha1
+from script_module import load_script
 from tiny import pixels, tiny_vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -457,11 +457,7 @@ def test_load_metrics_from_trainer_style_json(tmp_path):
 
 # ---------------------------------------------------------------------- the CLI
 def _load_cli():
-    spec = importlib.util.spec_from_file_location("push_merged_cli",
-                                                  os.path.join(ROOT, "scripts", "push_merged.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("push_merged")
 
 
 def test_cli_pushes_merged_and_adapter(hub, tmp_path):
@@ -511,11 +507,7 @@ def test_hub_server_blob_ids_match_git():
 
 # ---------------------------------------------------------------------- finetune.py --push-to-hub
 def _load_finetune():
-    spec = importlib.util.spec_from_file_location("finetune_script",
-                                                  os.path.join(ROOT, "scripts", "finetune.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("finetune")
 
 
 def test_finetune_push_to_hub(hub, tmp_path, monkeypatch):
