@@ -253,13 +253,6 @@ def _unmerged_copy(model: ConsolidatorModel) -> ConsolidatorModel:
     return work
 
 
-def _training_counts(model: ConsolidatorModel) -> Dict[str, int]:
-    """Parameter counts under the config's freezing policy."""
-    if any(layer.merged for _, layer in model.consolidator_layers()):
-        return _unmerged_copy(model).parameter_counts()
-    return model.parameter_counts()
-
-
 # ---------------------------------------------------------------------- model card
 def build_model_card(
     model: ConsolidatorModel, *, kind: str = "merged", model_name: Optional[str] = None,
@@ -284,7 +277,7 @@ def build_model_card(
     if kind not in ("merged", "adapter"):
         raise ValueError(f"kind: expected 'merged' or 'adapter', got {kind!r}")
     cfg = model.consolidator_config
-    counts = counts or _training_counts(model)
+    counts = counts or model.parameter_counts()
     base = _hub_base_model(model, base_model)
     flat = load_metrics(metrics)
     if dataset is None and isinstance(flat.get("task"), str):

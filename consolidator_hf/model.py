@@ -244,8 +244,21 @@ class ConsolidatorModel(nn.Module):
         branch = sum(p.numel() for _, l in self.consolidator_layers() for p in l.branches.parameters())
         trainable = branch + sum(p.numel() for _, p in self.trained_base_parameters())
         base = sum(p.numel() for p in self.parameters()) - branch
-        stored = sum(t.numel() for t in self._adapter_tensors(consolidate=True).values())
+        # What save_pretrained() writes, counted from the structure (no deltas computed).
+        stored, layer_biases = 0, set()
+        for name, layer in self.consolidator_layers():
+            stored += layer.stored_numel()
+            if self._stores_layer_bias(layer):
+                stored += layer.out_features
+                layer_biases.add(f"{name}.bias")
+        stored += sum(p.numel() for n, p in self.trained_base_parameters() if n not in layer_biases)
         return {"trainable": trainable, "branch": branch, "stored": stored, "base": base}
+
+    def _stores_layer_bias(self, layer: ConsolidatorLinear) -> bool:
+        """A consolidated adapter stores the layer's bias when training can change it:
+        branch biases fold into it, or the base bias itself trains."""
+        cfg = self.consolidator_config
+        return cfg.branch_bias or (cfg.train_bias and layer.base_layer.bias is not None)
 
     def print_trainable_parameters(self) -> None:
         c = self.parameter_counts()
@@ -304,13 +317,12 @@ class ConsolidatorModel(nn.Module):
     # ------------------------------------------------------------------ storage
     def _adapter_tensors(self, consolidate: bool) -> Dict[str, torch.Tensor]:
         """What training changed, keyed by base-model module paths. Never a frozen tensor."""
-        cfg = self.consolidator_config
         tensors: Dict[str, torch.Tensor] = {}
         layer_bias_names = set()
         for name, layer in self.consolidator_layers():
             if layer.merged:
                 raise ValueError(f"{name} is merged; unmerge_adapter() before saving the adapter")
-            bias_changes = cfg.branch_bias or (cfg.train_bias and layer.base_layer.bias is not None)
+            bias_changes = self._stores_layer_bias(layer)
             base_bias = layer.base_layer.bias
             if consolidate:
                 _, values = layer.consolidated()

@@ -346,3 +346,11 @@ def test_frozen_loaded_model_saves_the_same_adapter(tmp_path):
     assert a.keys() == b.keys() and any("layernorm" in k for k in a) and "classifier.weight" in a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+def test_counts_hold_while_merged():
+    """parameter_counts() is structural: the same figures for a merged model."""
+    model = get_consolidator_model(tiny_vit(), cfg(groups=(8, 4), channel_shuffle=True)).eval()
+    before = model.parameter_counts()
+    model.merge_adapter()
+    assert model.parameter_counts() == before
