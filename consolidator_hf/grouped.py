@@ -38,7 +38,7 @@ It is a bijection between a branch's parameters and its support.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -54,6 +54,10 @@ __all__ = [
     "split_union",
     "grouped_forward_reference",
     "grouped_weight_grad",
+    "grouped_forward_blocks",
+    "grouped_input_grad",
+    "block_plan",
+    "BlockPlan",
     "keep_mask",
 ]
 
@@ -215,51 +219,148 @@ def grouped_forward_reference(
     return (per_row * weight).sum(-1)
 
 
-_ROW_CHUNK = 256
+class BlockPlan(NamedTuple):
+    """How a branch's groups are batched for the block-structured (fast-path) products.
+
+    ``c`` neighbouring groups go in one matmul of ``(c*rows) x (c*s)`` whose ``c`` diagonal
+    blocks are the groups' ``rows x s`` blocks; ``batches * c`` groups cover rows
+    ``[row_offset, row_offset + out)`` of the virtual layer (``first``..``last``), padded with
+    ``lead``/``trail`` zero rows when the slice starts or ends inside a group.
+    """
+
+    s: int
+    rows: int
+    first: int
+    last: int
+    lead: int
+    trail: int
+    c: int
+    batches: int
+
+
+def block_plan(in_features: int, out_features: int, groups: int, *, row_offset: int = 0,
+               virtual_out: Optional[int] = None) -> BlockPlan:
+    vout = out_features if virtual_out is None else virtual_out
+    rows, s = vout // groups, in_features // groups
+    first = row_offset // rows
+    last = (row_offset + out_features - 1) // rows + 1
+    lead = row_offset - first * rows
+    trail = last * rows - (row_offset + out_features)
+    n_groups = last - first
+    # c*min(rows, s) >= 8 floats makes every row of a batch read half a cache line instead of
+    # 2 floats of it (c times the FLOPs of the blocks, still far below a dense product, and
+    # much faster than one tiny matmul per group on CPU; 8 beat 4, 16 and 32 on the ViT-B/16
+    # shapes at groups=384).
+    c = next((d for d in range(1, n_groups + 1)
+              if n_groups % d == 0 and d * min(rows, s) >= 8), n_groups)
+    return BlockPlan(s, rows, first, last, lead, trail, c, n_groups // c)
+
+
+def _input_blocks(x: torch.Tensor, groups: int, shuffle: bool, plan: BlockPlan) -> torch.Tensor:
+    """``(batches, n, c*s)`` view of the (shuffled) input slices the plan's groups read."""
+    n, s = x.shape[0], plan.s
+    xs = channel_shuffle(x, groups) if shuffle else x
+    xs = xs.reshape(n, groups * s)[:, plan.first * s:plan.last * s]
+    return xs.reshape(n, plan.batches, plan.c * s).transpose(0, 1)
+
+
+def _block_diagonal(weight: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+    """``(batches, c*s, c*rows)``: each batch's c blocks ``B_q^T`` on the diagonal, zeros off it."""
+    b, c, r, s = plan.batches, plan.c, plan.rows, plan.s
+    w = torch.nn.functional.pad(weight, (0, 0, plan.lead, plan.trail)) if plan.lead or plan.trail \
+        else weight
+    blocks = weight.new_zeros(b, c, s, c, r)
+    blocks.diagonal(dim1=1, dim2=3).copy_(w.reshape(b, c, r, s).permute(0, 3, 2, 1))
+    return blocks.view(b, c * s, c * r)
+
+
+def grouped_forward_blocks(
+    x: torch.Tensor, weight: torch.Tensor, groups: int, shuffle: bool, *,
+    row_offset: int = 0, virtual_out: Optional[int] = None,
+) -> torch.Tensor:
+    """``B P x`` for ``x`` of shape ``(n, in)``, as batched block-diagonal matmuls.
+
+    The same numbers as :func:`grouped_forward_reference` (the oracle), at the cost of a few
+    small matmuls: the fast path uses it on the few rows whose sample dropped the branch.
+    """
+    plan = block_plan(x.shape[-1], weight.shape[0], groups, row_offset=row_offset,
+                      virtual_out=virtual_out)
+    n = x.shape[0]
+    y = torch.bmm(_input_blocks(x, groups, shuffle, plan), _block_diagonal(weight, plan))
+    return y.transpose(0, 1).reshape(n, -1)[:, plan.lead:plan.lead + weight.shape[0]]
+
+
+def grouped_input_grad(
+    grad_out: torch.Tensor, weight: torch.Tensor, in_features: int, groups: int, shuffle: bool,
+    *, row_offset: int = 0, virtual_out: Optional[int] = None,
+) -> torch.Tensor:
+    """``(B P)^T grad_out = P^T B^T grad_out``: the input gradient of ``B P x``, ``(n, in)``.
+
+    ``grad[:, q*s + j] (shuffled) = sum_{o in group q} grad_out[:, o] * weight[o, j]``, then the
+    shuffle is undone (shuffling with ``s`` groups inverts shuffling with ``g``).
+    """
+    out_features = weight.shape[0]
+    plan = block_plan(in_features, out_features, groups, row_offset=row_offset,
+                      virtual_out=virtual_out)
+    n, s = grad_out.shape[0], plan.s
+    g = grad_out
+    if plan.lead or plan.trail:
+        g = torch.nn.functional.pad(g, (plan.lead, plan.trail))
+    g_blocks = g.reshape(n, plan.batches, plan.c * plan.rows).transpose(0, 1)
+    part = torch.bmm(g_blocks, _block_diagonal(weight, plan).transpose(1, 2))  # (b, n, c*s)
+    part = part.transpose(0, 1).reshape(n, -1)
+    if plan.first != 0 or plan.last * s != in_features:
+        full = grad_out.new_zeros(n, in_features)
+        full[:, plan.first * s:plan.last * s] = part
+        part = full
+    return channel_shuffle(part, s) if shuffle else part
+
+
+# Rows per step of the weight-gradient sum: about 4 MiB of grad_out and x rows together, so a
+# step stays in cache while every group reads it (one pass over all rows per group is bound by
+# strided memory traffic instead), and a rebuilt input never exists whole.
+_CHUNK_BYTES = 4 << 20
+
+RowSource = Union[torch.Tensor, Callable[[int, int], torch.Tensor]]
 
 
 def grouped_weight_grad(
-    grad_out: torch.Tensor, x: torch.Tensor, groups: int, shuffle: bool, *,
+    grad_out: torch.Tensor, x: RowSource, groups: int, shuffle: bool, *,
     row_offset: int = 0, virtual_out: Optional[int] = None,
+    row_ranges: Optional[Sequence[Tuple[int, int]]] = None, in_features: Optional[int] = None,
 ) -> torch.Tensor:
     """Gradient of a branch's compact ``(out, s)`` weight from its block structure.
 
     For ``y = B P x`` over ``n`` rows, ``grad[o, j] = sum_n grad_out[n, o] * x'[n, q(o)*s + j]``:
-    per group ``q`` this is ``grad_out[:, rows_q]^T @ x'[:, q*s:(q+1)*s]``, computed as one
-    batched matmul over the groups the layer's rows touch. It equals the dense weight
-    gradient ``grad_out^T @ x`` read on the support (:func:`dense_to_grouped`), without ever
-    forming that ``(out, in)`` matrix. ``grad_out``: ``(n, out)``; ``x``: ``(n, in)``.
+    per group ``q`` this is ``grad_out[:, rows_q]^T @ x'[:, q*s:(q+1)*s]``, computed as
+    batched matmuls over the groups the layer's rows touch (:class:`BlockPlan`), keeping the
+    diagonal blocks. It equals the dense weight gradient ``grad_out^T @ x`` read on the
+    support (:func:`dense_to_grouped`), without ever forming that ``(out, in)`` matrix.
+
+    ``grad_out``: ``(n, out)``. ``x``: ``(n, in)``, or a function returning its rows
+    ``[start, stop)`` (then ``in_features`` is required; a caller that rebuilds ``x`` never
+    holds all of it). ``row_ranges``: the ``[start, stop)`` row ranges the sum runs over
+    (default: all ``n`` rows; a drop mask leaves out the samples that dropped the branch).
     """
     n, out_features = grad_out.shape
-    in_features = x.shape[-1]
-    s = in_features // groups
-    vout = out_features if virtual_out is None else virtual_out
-    rows_per_group = vout // groups
-    # Groups covering rows [row_offset, row_offset + out) of the virtual layer; a slice that
-    # starts or ends inside a group is padded with zero rows to whole groups.
-    first = row_offset // rows_per_group
-    last = (row_offset + out_features - 1) // rows_per_group + 1
-    lead = row_offset - first * rows_per_group
-    trail = last * rows_per_group - (row_offset + out_features)
-    if lead or trail:
-        grad_out = torch.nn.functional.pad(grad_out, (lead, trail))
-    xs = channel_shuffle(x, groups) if shuffle else x
-    n_groups = last - first
-    # Batch c neighbouring groups per matmul and keep only the c diagonal blocks of each
-    # (c*rows x c*s) product: c*min(rows, s) >= 16 floats makes every row read a whole cache
-    # line instead of 2 floats of it (c times the FLOPs of the blocks, still far below a
-    # dense weight gradient, and much faster than one tiny matmul per group on CPU).
-    c = next((d for d in range(1, n_groups + 1)
-              if n_groups % d == 0 and d * min(rows_per_group, s) >= 16), n_groups)
-    batches = n_groups // c
-    x_blocks = xs.reshape(n, groups * s)[:, first * s:last * s].reshape(n, batches, c * s)
-    g_blocks = grad_out.reshape(n, batches, c * rows_per_group)
-    g_blocks, x_blocks = g_blocks.permute(1, 2, 0), x_blocks.permute(1, 0, 2)
-    # Sum over the rows in chunks that stay in cache while every group reads them (one
-    # pass over all rows per group is bound by strided memory traffic instead).
-    full = torch.bmm(g_blocks[:, :, :_ROW_CHUNK], x_blocks[:, :_ROW_CHUNK])  # (b, c*rows, c*s)
-    for start in range(_ROW_CHUNK, n, _ROW_CHUNK):
-        full.baddbmm_(g_blocks[:, :, start:start + _ROW_CHUNK], x_blocks[:, start:start + _ROW_CHUNK])
-    blocks = full.view(batches, c, rows_per_group, c, s).diagonal(dim1=1, dim2=3)  # (b,rows,s,c)
+    if isinstance(x, torch.Tensor):
+        in_features, tensor = x.shape[-1], x
+        x = lambda a, b: tensor[a:b]  # noqa: E731
+    elif in_features is None:
+        raise ValueError("grouped_weight_grad: in_features is required when x is a function")
+    plan = block_plan(in_features, out_features, groups, row_offset=row_offset,
+                      virtual_out=virtual_out)
+    b, c, r, s = plan.batches, plan.c, plan.rows, plan.s
+    chunk = max(1, _CHUNK_BYTES // (grad_out.element_size() * (in_features + out_features)))
+    full = grad_out.new_zeros(b, c * r, c * s)
+    for start, stop in ([(0, n)] if row_ranges is None else row_ranges):
+        for a in range(start, stop, chunk):
+            e = min(a + chunk, stop)
+            gs = grad_out[a:e]
+            if plan.lead or plan.trail:
+                gs = torch.nn.functional.pad(gs, (plan.lead, plan.trail))
+            g_blocks = gs.reshape(e - a, b, c * r).permute(1, 2, 0)
+            full.baddbmm_(g_blocks, _input_blocks(x(a, e), groups, shuffle, plan))
+    blocks = full.view(b, c, r, c, s).diagonal(dim1=1, dim2=3)  # (b, rows, s, c)
     blocks = blocks.permute(0, 3, 1, 2)  # (b, c, rows, s): group first + b*c + i
-    return blocks.reshape(-1, s)[lead:lead + out_features]
+    return blocks.reshape(-1, s)[plan.lead:plan.lead + out_features]

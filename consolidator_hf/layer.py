@@ -151,17 +151,30 @@ class ConsolidatorLinear(nn.Module):
         masks = self.draw_masks(x.shape[0] if x.dim() > 1 else 1, device=x.device)
         return merged_branch_linear(self, x, masks)
 
-    def _union_positions(self) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-        """Cached ``(union, positions)``: the sorted union of the branches' supports, and
-        for each branch where its compact entries sit in that union."""
-        device = self.base_layer.weight.device
+    def _union_state(self, native: bool = False
+                     ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], torch.Tensor]:
+        """Cached ``(union, positions, original)`` for the fast path.
+
+        ``union``: flat indices of ``W0`` covered by any branch (a single branch's support in
+        its own order, so its compact weight maps onto it without a gather); ``positions[k]``:
+        where branch ``k``'s entries sit in ``union`` (``None`` when they are ``union`` itself);
+        ``original``: ``W0`` read on ``union``, in fp32 (``native=True``: in ``W0``'s dtype, to
+        restore it bit for bit). Rebuilt when ``W0`` moves, is replaced or changes in place.
+        """
+        w0 = self.base_layer.weight
+        key = (w0.device, w0.dtype, w0.data_ptr(), w0._version)
         cache = getattr(self, "_union_cache", None)
-        if cache is None or cache[0].device != device:
-            idxs = [b.support_index(device=device).reshape(-1) for b in self.branches]
-            union = grouped.union_support(idxs)
-            cache = (union, [torch.searchsorted(union, i) for i in idxs])
+        if cache is None or cache[0] != key:
+            idxs = [b.support_index(device=w0.device).reshape(-1) for b in self.branches]
+            if len(idxs) == 1:
+                union, positions = idxs[0], [None]
+            else:
+                union = grouped.union_support(idxs)
+                positions = [torch.searchsorted(union, i) for i in idxs]
+            native_values = w0.detach().reshape(-1).index_select(0, union)
+            cache = (key, union, positions, native_values.float(), native_values)
             self._union_cache = cache
-        return cache
+        return cache[1], cache[2], cache[4] if native else cache[3]
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """DESIGN.md section 1 literally: base, plus each branch times its per-sample mask."""

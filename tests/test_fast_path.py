@@ -200,9 +200,10 @@ def test_whole_model_fast_equals_reference_gradients():
         grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert grads["fast"].keys() == grads["reference"].keys()
     for name, g in grads["reference"].items():
-        # (k_proj's bias gradient is zero up to rounding: softmax ignores a per-key shift.)
+        # (k_proj's bias gradients are zero up to rounding: softmax ignores a per-key shift;
+        # their terms are ~1e-3, so fp32 rounding leaves ~1e-10 of either implementation.)
         err = (grads["fast"][name] - g).abs().max().item()
-        assert err <= 1e-4 * max(g.abs().max().item(), 1e-6), name
+        assert err <= 1e-4 * max(g.abs().max().item(), 1e-5), name
 
 
 def test_default_impl_trains_and_merges_exactly():
@@ -230,3 +231,177 @@ def test_default_impl_trains_and_merges_exactly():
         merged = model.merge_and_unload()(pixel_values=px).logits
     assert (merged - unmerged).abs().max() <= 1e-5
     assert F.cross_entropy(merged, labels).item() < losses[0]
+
+
+BLOCK_CASES = [
+    # (in, out, groups, shuffle, row_offset, virtual_out)
+    (12, 24, 4, False, 0, None),
+    (12, 24, 4, True, 0, None),
+    (768, 768, 384, False, 768, 2304),   # k of a fused ViT-B qkv
+    (12, 10, 1, True, 5, 30),            # a slice starting and ending inside a group
+    (48, 16, 8, True, 0, None),
+    (12, 12, 3, True, 12, 36),
+]
+
+
+@pytest.mark.parametrize("case", BLOCK_CASES)
+def test_block_forward_and_input_grad_match_reference(case):
+    """The block-structured products the fast path uses on dropped rows equal the oracle."""
+    in_f, out_f, g, shuffle, ro, vout = case
+    w = torch.randn(out_f, in_f // g, dtype=torch.float64)
+    x = torch.randn(7, in_f, dtype=torch.float64, requires_grad=True)
+    ref = grouped.grouped_forward_reference(x, w, g, shuffle, row_offset=ro, virtual_out=vout)
+    fast = grouped.grouped_forward_blocks(x.detach(), w, g, shuffle, row_offset=ro,
+                                          virtual_out=vout)
+    torch.testing.assert_close(fast, ref, rtol=1e-12, atol=1e-12)
+    gout = torch.randn_like(ref)
+    ref.backward(gout)
+    gin = grouped.grouped_input_grad(gout, w, in_f, g, shuffle, row_offset=ro, virtual_out=vout)
+    torch.testing.assert_close(gin, x.grad, rtol=1e-12, atol=1e-12)
+
+
+def test_weight_grad_over_row_ranges_and_from_a_row_function():
+    gout = torch.randn(40, 24, dtype=torch.float64)
+    x = torch.randn(40, 12, dtype=torch.float64)
+    ranges = [(0, 5), (17, 33)]
+    rows = torch.cat([torch.arange(a, b) for a, b in ranges])
+    dense = grouped.dense_to_grouped(gout[rows].t() @ x[rows], 4, True)
+    got = grouped.grouped_weight_grad(gout, x, 4, True, row_ranges=ranges)
+    torch.testing.assert_close(got, dense, rtol=1e-12, atol=1e-12)
+    calls = []
+
+    def x_rows(a, b):
+        calls.append((a, b))
+        return x[a:b]
+
+    lazily = grouped.grouped_weight_grad(gout, x_rows, 4, True, row_ranges=ranges, in_features=12)
+    torch.testing.assert_close(lazily, dense, rtol=1e-12, atol=1e-12)
+    assert calls and all(a >= s and b <= e for a, b in calls
+                         for s, e in [next(r for r in ranges if r[0] <= a < r[1])])
+    with pytest.raises(ValueError, match="in_features"):
+        grouped.grouped_weight_grad(gout, x_rows, 4, True)
+
+
+class _Block(nn.Module):
+    """A transformer-style block: LayerNorm read by q and k, LayerNorm -> fc1 -> GELU -> fc2."""
+
+    def __init__(self, d: int = 16, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.q, self.k = nn.Linear(d, d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+        self.act = nn.GELU()
+
+    def forward(self, x):
+        h = self.norm1(x)
+        x = x + self.q(h) * self.k(h).sigmoid()
+        return x + self.fc2(self.act(self.fc1(self.norm2(x))))
+
+
+def _consolidated_block(impl: str, drop_rate: float, **kw) -> nn.Module:
+    block = _Block(**kw).train()
+    for name in ("q", "k", "fc1", "fc2"):
+        base = getattr(block, name)
+        base.weight.requires_grad_(False)
+        setattr(block, name, ConsolidatorLinear(base, (4, 2), channel_shuffle=True,
+                                                drop_rate=drop_rate, init_range=0.2, impl=impl))
+    return block
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of distinct non-parameter storages autograd saves while ``fn`` runs forward."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, seen
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.5])
+def test_inputs_rebuilt_from_layernorm_and_gelu_keep_gradients_exact(drop_rate):
+    """q/k (one LayerNorm output, two readers), fc1 (LayerNorm) and fc2 (GELU) rebuild their
+    input in backward: every gradient still equals the reference path's."""
+    x = torch.randn(6, 5, 16)
+    grads = {}
+    for impl in ("reference", "fast"):
+        block = _consolidated_block(impl, drop_rate)
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(3)
+        out = block(xi)
+        (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+        grads[impl] = {"input": xi.grad, **{n: p.grad for n, p in block.named_parameters()
+                                            if p.grad is not None}}
+    assert grads["fast"].keys() == grads["reference"].keys()
+    for name, g in grads["reference"].items():
+        assert _rel_err(grads["fast"][name], g) <= 1e-5, name
+
+
+def test_fast_path_saves_no_activation_the_frozen_layers_do_not():
+    """Peak-memory claim, checked by storage: with inputs rebuilt, the fast path saves exactly
+    the storages that the same block with plain frozen nn.Linear layers saves."""
+    x = torch.randn(4, 9, 16, requires_grad=True)
+    floor = _Block()
+    for lin in (floor.q, floor.k, floor.fc1, floor.fc2):
+        lin.weight.requires_grad_(False)
+    param_ptrs = lambda m: {p.untyped_storage().data_ptr() for p in m.parameters()}  # noqa: E731
+    _, floor_saved = _saved_bytes(lambda: floor(x))
+    fast = _consolidated_block("fast", 0.0)
+    _, fast_saved = _saved_bytes(lambda: fast(x))
+    floor_act = sum(v for k, v in floor_saved.items() if k not in param_ptrs(floor))
+    fast_act = sum(v for k, v in fast_saved.items() if k not in param_ptrs(fast))
+    # Besides the floor's activations the fast path may keep only masks (none here).
+    assert fast_act == floor_act
+    # A producer it does not know (SiLU keeps its input, not its output): fc2's input is
+    # saved instead, one more activation.
+    fast.act = nn.SiLU()
+    _, tanh_saved = _saved_bytes(lambda: fast(x))
+    assert sum(v for k, v in tanh_saved.items() if k not in param_ptrs(fast)) > fast_act
+
+
+def test_rebuilt_input_changed_in_place_raises():
+    block = _consolidated_block("fast", 0.0)
+    x = torch.randn(3, 4, 16, requires_grad=True)
+    u = x * 1.0
+    h = block.norm2(u)
+    y = block.fc1(h)
+    with torch.no_grad():
+        u.add_(1.0)  # what fc1 would rebuild its input from
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_fast_path_leaves_frozen_weight_version_alone():
+    """The weight is patched through .data: autograd's version counter on W0 never moves, so
+    another op that saved W0 is not invalidated (and the weight is restored bit for bit)."""
+    base = nn.Linear(12, 24)
+    base.weight.requires_grad_(False)
+    layer = ConsolidatorLinear(base, (4,), drop_rate=0.5, init_range=0.3).train()
+    w0, version = base.weight.clone(), base.weight._version
+    x = torch.randn(8, 3, 12, requires_grad=True)
+    other = x @ base.weight.t()  # saves W0 for its own backward
+    (layer(x).sum() + other.sum()).backward()
+    assert base.weight._version == version
+    assert torch.equal(base.weight, w0)
+
+
+def test_vit_fast_path_saves_what_the_floor_saves():
+    """On the installed transformers ViT the fast path's saved activations are the floor's
+    (same model, only biases + LayerNorms + head trainable): no layer input is kept."""
+    px = pixels(2)
+
+    def activation_bytes(model) -> int:
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        _, saved = _saved_bytes(lambda: model(pixel_values=px).logits)
+        return sum(v for k, v in saved.items() if k not in params)
+
+    model = get_consolidator_model(tiny_vit(), ConsolidatorConfig(groups=(16,))).train()
+    wanted = {n for n, _ in model.trained_base_parameters()}
+    floor = tiny_vit().train()
+    for n, p in floor.named_parameters():
+        p.requires_grad_(n in wanted)
+    assert activation_bytes(model) == activation_bytes(floor)
