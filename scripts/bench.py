@@ -20,6 +20,15 @@ memory is the peak RSS of a worker during its steps minus its RSS before the fir
 (optimizer state and gradients included; sampled every 2 ms), or ``max_memory_allocated``
 minus the memory allocated before the first step on CUDA.
 
+Two figures that the machine's noise cannot move are reported beside them: the bytes of
+activations autograd saves in one forward pass (distinct storages, parameters excluded; what
+the fast path's input rebuild is about) and the minor page faults per step (fresh memory the
+allocator had to take from the kernel). By default the workers run with glibc's malloc told to
+keep freed memory (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, the role jemalloc or
+tcmalloc play in PyTorch's CPU tuning guides), the same for every configuration: with the
+system defaults the page-fault count of one configuration varied 10x between identical runs
+here, swamping the differences being measured. ``--allocator system`` measures the defaults.
+
 A last worker times inference (plain model, merged model, unmerged wrapper), the time to
 merge the whole model (``merge_and_unload``) and the adapter file size. Everything is random
 init from ``ViTConfig``: no Hub access. Writes ``bench.json`` and ``bench.png`` into
@@ -32,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -51,6 +61,9 @@ MODEL_SIZES: Dict[str, Dict[str, int]] = {
                  intermediate_size=64, image_size=32, patch_size=8),
 }
 NUM_LABELS = 100
+# glibc: serve allocations up to 32 MiB (the largest threshold glibc accepts; a ViT-B/16 batch of
+# 8 has no larger activation) from the heap and never hand freed memory back (see above).
+TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 25), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
 
 
 # ---------------------------------------------------------------------- models
@@ -135,6 +148,27 @@ class RssPeak:
         self.peak = max(self.peak, current_rss())
 
 
+def saved_activation_bytes(model, x, y, params) -> int:
+    """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: Dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in skip:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(pixel_values=x, labels=y).loss
+    loss.backward()  # free the graph the same way a step does
+    for p in params:
+        p.grad = None
+    return sum(seen.values())
+
+
 def _sync(device) -> None:
     import torch
 
@@ -164,6 +198,7 @@ def train_worker(args: argparse.Namespace) -> None:
 
     def step() -> Dict[str, float]:
         _sync(device)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t, c = time.perf_counter(), time.process_time()
         loss = model(pixel_values=x, labels=y).loss
         loss.backward()
@@ -172,8 +207,10 @@ def train_worker(args: argparse.Namespace) -> None:
         _sync(device)
         # CPU time of the worker's threads as well as wall time: on a shared machine the
         # wall clock also counts time spent descheduled.
-        return {"step_s": time.perf_counter() - t, "step_cpu_s": time.process_time() - c}
+        return {"step_s": time.perf_counter() - t, "step_cpu_s": time.process_time() - c,
+                "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
 
+    saved = saved_activation_bytes(model, x, y, params)
     rss0 = current_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -194,7 +231,8 @@ def train_worker(args: argparse.Namespace) -> None:
                 mem = torch.cuda.max_memory_allocated(device) - alloc0
             else:
                 mem = peak.peak - rss0
-            _send({"peak_mem_bytes": mem, "peak_rss_bytes": peak.peak, "rss_before_bytes": rss0})
+            _send({"peak_mem_bytes": mem, "peak_rss_bytes": peak.peak, "rss_before_bytes": rss0,
+                   "saved_activation_bytes": saved})
         elif cmd == "quit":
             return
 
@@ -269,9 +307,12 @@ def _spawn(args: argparse.Namespace, worker: str) -> subprocess.Popen:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", worker,
            "--model-size", args.model_size, "--batch-size", str(args.batch_size),
            "--repeats", str(args.repeats), "--threads", str(args.threads),
-           "--device", args.device, "--warmup", str(args.warmup)]
+           "--device", args.device, "--warmup", str(args.warmup), "--allocator", args.allocator]
+    env = dict(os.environ)
+    if args.allocator == "tuned":
+        env.update(TUNED_MALLOC_ENV)
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            bufsize=1)
+                            bufsize=1, env=env)
 
 
 def _ask(proc: subprocess.Popen, cmd: Optional[str], name: str) -> Dict[str, Any]:
@@ -321,13 +362,14 @@ def run_training(args: argparse.Namespace, configs: List[str]) -> Dict[str, Dict
     try:
         for c, p in procs.items():
             results[c] = {"trainable_params": _ask(p, None, c)["trainable_params"],
-                          "step_s_all": [], "step_cpu_s_all": []}
+                          "step_s_all": [], "step_cpu_s_all": [], "page_faults_all": []}
         for r in range(args.repeats):
             order = configs[r % len(configs):] + configs[:r % len(configs)]
             for c in order:
                 answer = _ask(procs[c], "step", c)
                 results[c]["step_s_all"].append(answer["step_s"])
                 results[c]["step_cpu_s_all"].append(answer["step_cpu_s"])
+                results[c]["page_faults_all"].append(answer["page_faults"])
             print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
                 f"{c} {results[c]['step_s_all'][-1]:.3f}s" for c in configs), file=sys.stderr)
         for c, p in procs.items():
@@ -352,18 +394,25 @@ def run_training(args: argparse.Namespace, configs: List[str]) -> Dict[str, Dict
         res["step_cpu_s"] = statistics.median(res["step_cpu_s_all"])
         res["cpu_time_ratio_to_floor"] = res["step_cpu_s"] / floor_cpu
         res["mem_ratio_to_floor"] = res["peak_mem_bytes"] / floor["peak_mem_bytes"]
+        res["saved_activation_ratio_to_floor"] = \
+            res["saved_activation_bytes"] / floor["saved_activation_bytes"]
+        res["page_faults_per_step"] = statistics.median(res["page_faults_all"])
     return results
 
 
 def markdown_table(report: Dict[str, Any]) -> str:
     lines = ["| configuration | trainable params | step time (s), median | × floor | fastest step × "
-             "floor | step CPU time × floor | peak train memory (MiB) | × floor |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "floor | step CPU time × floor | peak train memory (MiB) | × floor | saved "
+             "activations (MiB) | × floor | page faults / step |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for c, r in report["train"].items():
         lines.append(f"| {c} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
                      f"{r['time_ratio_to_floor']:.3f} | {r['min_time_ratio_to_floor']:.3f} | "
                      f"{r['cpu_time_ratio_to_floor']:.3f} | "
-                     f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['mem_ratio_to_floor']:.3f} |")
+                     f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['mem_ratio_to_floor']:.3f} | "
+                     f"{r['saved_activation_bytes'] / 2**20:.1f} | "
+                     f"{r['saved_activation_ratio_to_floor']:.3f} | "
+                     f"{r['page_faults_per_step']:,.0f} |")
     inf = report["inference"]
     t = inf["inference_s"]
     lines += ["", "| inference (batch) | time (s) | × plain |", "| --- | ---: | ---: |"]
@@ -422,6 +471,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--configs", nargs="+", choices=TRAIN_CONFIGS, default=TRAIN_CONFIGS,
                    help="training configurations (floor is always included)")
+    p.add_argument("--allocator", choices=["tuned", "system"], default="tuned",
+                   help="glibc malloc settings of the workers (see the module docstring)")
     p.add_argument("--output-dir", default="bench_out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

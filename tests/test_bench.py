@@ -29,8 +29,20 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
         assert len(r["step_s_all"]) == 2 and all(t > 0 for t in r["step_s_all"])
         assert {"step_s", "time_ratio_to_floor", "step_cpu_s", "cpu_time_ratio_to_floor",
                 "step_s_min", "min_time_ratio_to_floor",
-                "peak_mem_bytes", "mem_ratio_to_floor", "trainable_params"} <= set(r)
-        assert r["peak_mem_bytes"] >= 0
+                "peak_mem_bytes", "mem_ratio_to_floor", "trainable_params",
+                "saved_activation_bytes", "saved_activation_ratio_to_floor",
+                "page_faults_per_step"} <= set(r)
+        assert r["peak_mem_bytes"] >= 0 and r["saved_activation_bytes"] > 0
+        assert len(r["page_faults_all"]) == 2 and min(r["page_faults_all"]) >= 0
+    # Inputs are rebuilt, not kept: the fast path saves the floor's activations plus each
+    # adapted layer's drop masks (batch 2 x 1 branch, fp32; 2 blocks x 6 layers); the
+    # reference path keeps its branches' intermediates.
+    train = report["train"]
+    extra = train["consolidator_fast"]["saved_activation_bytes"] - \
+        train["floor"]["saved_activation_bytes"]
+    assert extra == 2 * 6 * (2 * 1 * 4)
+    assert train["consolidator_reference"]["saved_activation_ratio_to_floor"] > 1.01
+    assert report["args"]["allocator"] == "tuned"
     assert report["train"]["floor"]["time_ratio_to_floor"] == 1.0
     # Branches add trainable parameters on top of the floor; both impls train the same set.
     fast, ref = report["train"]["consolidator_fast"], report["train"]["consolidator_reference"]
