@@ -210,7 +210,6 @@ def train_worker(args: argparse.Namespace) -> None:
         return {"step_s": time.perf_counter() - t, "step_cpu_s": time.process_time() - c,
                 "page_faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults}
 
-    saved = saved_activation_bytes(model, x, y, params)
     rss0 = current_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -219,6 +218,8 @@ def train_worker(args: argparse.Namespace) -> None:
     with peak:
         for _ in range(args.warmup):
             step()
+    # After the warm-up steps, so that the peak RSS above is a training step's.
+    saved = saved_activation_bytes(model, x, y, params)
     _send({"ready": True, "trainable_params": sum(p.numel() for p in params)})
     for line in sys.stdin:
         cmd = line.strip()

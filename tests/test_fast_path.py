@@ -405,3 +405,36 @@ def test_vit_fast_path_saves_what_the_floor_saves():
     for n, p in floor.named_parameters():
         p.requires_grad_(n in wanted)
     assert activation_bytes(model) == activation_bytes(floor)
+
+
+def test_rebuilt_inputs_under_bf16_autocast():
+    """Rebuilt fp32 LayerNorm/GELU outputs are cast to the autocast dtype like the saved ones."""
+    x = torch.randn(4, 5, 16)
+    grads = {}
+    for impl in ("reference", "fast"):
+        block = _consolidated_block(impl, 0.25)
+        torch.manual_seed(2)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = block(x)
+        (out.float() * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+        grads[impl] = {n: p.grad.float() for n, p in block.named_parameters() if p.grad is not None}
+    for name, g in grads["reference"].items():
+        assert _rel_err(grads["fast"][name], g) < 5e-2, name
+
+
+@pytest.mark.parametrize("family", ["deit", "dinov2"])
+def test_other_families_fast_equals_reference(family):
+    from tiny import tiny_deit, tiny_dinov2
+
+    build = {"deit": tiny_deit, "dinov2": tiny_dinov2}[family]
+    px, labels = pixels(3), torch.tensor([0, 2, 1])
+    grads = {}
+    for impl in ("reference", "fast"):
+        model = get_consolidator_model(build(), ConsolidatorConfig(
+            groups=(16,), drop_rate=0.3, init_range=0.05, impl=impl)).train()
+        torch.manual_seed(5)
+        model(pixel_values=px, labels=labels).loss.backward()
+        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for name, g in grads["reference"].items():
+        err = (grads["fast"][name] - g).abs().max().item()
+        assert err <= 1e-4 * max(g.abs().max().item(), 1e-5), name
