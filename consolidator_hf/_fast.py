@@ -173,16 +173,13 @@ class InputRebuild:
 
 
 # ------------------------------------------------------------------ the patched weight
-def patched_values(layer: "ConsolidatorLinear", kept: Sequence[int], scale: float,
-                   dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """``W0 + sum_{k in kept} scale * D_k`` on the union of the supports (fp32 sum, cast to
-    ``dtype``), in the order of ``layer._union_state()``'s index; ``None`` when nothing is kept."""
-    if not kept:
-        return None
+def patched_values(layer: "ConsolidatorLinear", scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``W0 + scale * sum_k D_k`` on the union of the supports (fp32 sum, cast to ``dtype``), in
+    the order of ``layer._union_state()``'s index."""
     _, positions, original = layer._union_state()
     values = original
-    for k in kept:
-        w = layer.branches[k].weight.detach().reshape(-1)
+    for k, branch in enumerate(layer.branches):
+        w = branch.weight.detach().reshape(-1)
         if positions[k] is None:  # this branch's entries are the union, in order
             values = torch.add(values, w, alpha=scale)
         else:
@@ -191,7 +188,7 @@ def patched_values(layer: "ConsolidatorLinear", kept: Sequence[int], scale: floa
 
 
 @contextmanager
-def patched_weight(layer: "ConsolidatorLinear", values: Optional[torch.Tensor],
+def patched_weight(layer: "ConsolidatorLinear", values: torch.Tensor,
                    dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """``W0`` with ``values`` written on the union support, in ``dtype``, for a ``with`` block.
 
@@ -201,9 +198,6 @@ def patched_weight(layer: "ConsolidatorLinear", values: Optional[torch.Tensor],
     """
     w0 = layer.base_layer.weight
     in_place = w0.dtype == dtype and w0.is_contiguous()
-    if values is None:
-        yield w0.detach() if in_place else w0.detach().to(dtype)
-        return
     union = layer._union_state()[0]
     if not in_place:
         target = w0.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
@@ -221,11 +215,11 @@ def patched_weight(layer: "ConsolidatorLinear", values: Optional[torch.Tensor],
         flat.index_copy_(0, union, layer._union_state(native=True)[2])
 
 
-def _merged_bias(layer: "ConsolidatorLinear", kept: Sequence[int], scale: float,
+def _merged_bias(layer: "ConsolidatorLinear", scale: float,
                  dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """``b0 + sum_{k in kept} scale * c_k`` (fp32 sum, then cast), or ``None``."""
+    """``b0 + scale * sum_k c_k`` (fp32 sum, then cast), or ``None`` when there is no bias."""
     b0 = layer.base_layer.bias
-    terms = [layer.branches[k].bias for k in kept if layer.branches[k].bias is not None]
+    terms = [b.bias for b in layer.branches if b.bias is not None]
     if b0 is None and not terms:
         return None
     bias = b0.detach().float() if b0 is not None else torch.zeros(
@@ -235,10 +229,8 @@ def _merged_bias(layer: "ConsolidatorLinear", kept: Sequence[int], scale: float,
     return bias.to(dtype)
 
 
-def _rows(t: torch.Tensor, run: Optional[Tuple[int, int]] = None) -> torch.Tensor:
-    """Samples ``[start, stop)`` of ``t`` (all when ``None``) as ``(rows, features)``: a view."""
-    if run is not None:
-        t = t[run[0]:run[1]]
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``(rows, features)``: a view."""
     return t.reshape(-1, t.shape[-1])
 
 
@@ -254,15 +246,14 @@ class _MergedBranchLinear(torch.autograd.Function):
         n_branches = len(layer.branches)
         scale = 1.0 / (1.0 - layer.drop_rate) if masks is not None else 1.0
         dtype = _compute_dtype(x)
-        every = tuple(range(n_branches))
         # Per branch, the runs of samples that dropped it (none without masks).
-        dropped = [[] for _ in every] if masks is None else \
+        dropped = [[] for _ in range(n_branches)] if masks is None else \
             [_runs([not keep for keep in column]) for column in (masks > 0).t().tolist()]
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype).contiguous()
-            values = patched_values(layer, every, scale, dtype)
+            values = patched_values(layer, scale, dtype)
             with patched_weight(layer, values, dtype) as w:
-                y = F.linear(xc, w, _merged_bias(layer, every, scale, dtype))
+                y = F.linear(xc, w, _merged_bias(layer, scale, dtype))
             for k, runs in enumerate(dropped):
                 branch = layer.branches[k]
                 for a, b in runs:  # take branch k back out of the samples that dropped it
