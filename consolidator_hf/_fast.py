@@ -9,7 +9,9 @@ instead, so a layer costs one GEMM, like a plain ``nn.Linear``::
 with ``s = 1/(1-p)`` in training with drop (1 otherwise). A sample that dropped branch ``k``
 then has that branch taken back out of its rows, ``y[rows] -= s (B_k P_k x[rows] + c_k)``,
 through the block structure (:func:`grouped.grouped_forward_blocks`: a few small matmuls on
-those rows only), so the drop semantics are exact and the big GEMM is never split.
+those rows only), so the drop semantics hold per sample and per branch (a dropped row is
+``x W^T - s B_k P_k x`` rather than ``x W0^T``: equal up to fp32 rounding) and the big GEMM is
+never split.
 
 ``W`` differs from ``W0`` only on the union of the branches' supports (``out * in/g``
 entries per branch), so it is never built as a new dense matrix: the values ``W`` takes
