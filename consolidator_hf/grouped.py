@@ -240,6 +240,8 @@ class BlockPlan(NamedTuple):
 
 def block_plan(in_features: int, out_features: int, groups: int, *, row_offset: int = 0,
                virtual_out: Optional[int] = None) -> BlockPlan:
+    """The :class:`BlockPlan` of a branch with ``groups`` groups over rows
+    ``[row_offset, row_offset + out_features)`` of a ``virtual_out``-row layer."""
     vout = out_features if virtual_out is None else virtual_out
     rows, s = vout // groups, in_features // groups
     first = row_offset // rows
