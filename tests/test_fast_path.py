@@ -186,24 +186,33 @@ def test_config_impl_validated_and_passed_to_layers():
     assert cfg.impl == "reference"
 
 
-def test_whole_model_fast_equals_reference_gradients():
-    """Every trainable gradient of a tiny ViT (incl. stochastic drop) agrees across impls."""
-    px, labels = pixels(4), torch.tensor([0, 1, 2, 1])
-    grads = {}
-    for impl in ("reference", "fast"):
-        model = get_consolidator_model(
-            tiny_vit(), ConsolidatorConfig(groups=(16, 8), drop_rate=0.3, init_range=0.05,
-                                           impl=impl)).train()
-        torch.manual_seed(7)
-        loss = model(pixel_values=px, labels=labels).loss
-        loss.backward()
-        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert grads["fast"].keys() == grads["reference"].keys()
-    for name, g in grads["reference"].items():
+def _model_grads(build, impl: str, n_labels: int = 3, prepare=None, **config):
+    """Every trainable gradient of one forward/backward of ``build()`` wrapped with ``impl``."""
+    px, labels = pixels(4), torch.arange(4) % n_labels
+    model = get_consolidator_model(build(), ConsolidatorConfig(impl=impl, **config))
+    if prepare is not None:
+        prepare(model)
+    model.train()
+    torch.manual_seed(7)
+    model(pixel_values=px, labels=labels).loss.backward()
+    return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _assert_model_grads_match(build, prepare=None, **config):
+    ref = _model_grads(build, "reference", prepare=prepare, **config)
+    fast = _model_grads(build, "fast", prepare=prepare, **config)
+    assert fast.keys() == ref.keys()
+    assert all(g is not None for g in fast.values())
+    for name, g in ref.items():
         # (k_proj's bias gradients are zero up to rounding: softmax ignores a per-key shift;
         # their terms are ~1e-3, so fp32 rounding leaves ~1e-10 of either implementation.)
-        err = (grads["fast"][name] - g).abs().max().item()
+        err = (fast[name] - g).abs().max().item()
         assert err <= 1e-4 * max(g.abs().max().item(), 1e-5), name
+
+
+def test_whole_model_fast_equals_reference_gradients():
+    """Every trainable gradient of a tiny ViT (incl. stochastic drop) agrees across impls."""
+    _assert_model_grads_match(tiny_vit, groups=(16, 8), drop_rate=0.3, init_range=0.05)
 
 
 def test_default_impl_trains_and_merges_exactly():
@@ -427,37 +436,18 @@ def test_other_families_fast_equals_reference(family):
     from tiny import tiny_deit, tiny_dinov2
 
     build = {"deit": tiny_deit, "dinov2": tiny_dinov2}[family]
-    px, labels = pixels(3), torch.tensor([0, 2, 1])
-    grads = {}
-    for impl in ("reference", "fast"):
-        model = get_consolidator_model(build(), ConsolidatorConfig(
-            groups=(16,), drop_rate=0.3, init_range=0.05, impl=impl)).train()
-        torch.manual_seed(5)
-        model(pixel_values=px, labels=labels).loss.backward()
-        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    for name, g in grads["reference"].items():
-        err = (grads["fast"][name] - g).abs().max().item()
-        assert err <= 1e-4 * max(g.abs().max().item(), 1e-5), name
+    _assert_model_grads_match(build, groups=(16,), drop_rate=0.3, init_range=0.05)
 
 
 def test_gradient_checkpointing_fast_equals_reference():
     """Trainer(gradient_checkpointing=True) path: the forward is replayed in backward (saved
     tensors behind the checkpoint's hooks, masks re-drawn from the restored RNG state)."""
-    px, labels = pixels(3), torch.tensor([0, 2, 1])
-    grads = {}
-    for impl in ("reference", "fast"):
-        model = get_consolidator_model(tiny_vit(), ConsolidatorConfig(
-            groups=(16,), drop_rate=0.3, init_range=0.05, impl=impl))
+    def checkpointed(model):
         model.base_model.gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train()
-        torch.manual_seed(4)
-        model(pixel_values=px, labels=labels).loss.backward()
-        grads[impl] = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert all(g is not None for g in grads["fast"].values())
-    for name, g in grads["reference"].items():
-        err = (grads["fast"][name] - g).abs().max().item()
-        assert err <= 1e-4 * max(g.abs().max().item(), 1e-5), name
+
+    _assert_model_grads_match(tiny_vit, prepare=checkpointed, groups=(16,), drop_rate=0.3,
+                              init_range=0.05)
 
 
 def test_backward_twice_with_retained_graph():
