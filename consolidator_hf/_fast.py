@@ -248,9 +248,14 @@ class _MergedBranchLinear(torch.autograd.Function):
         n_branches = len(layer.branches)
         scale = 1.0 / (1.0 - layer.drop_rate) if masks is not None else 1.0
         dtype = _compute_dtype(x)
-        # Per branch, the runs of samples that dropped it (none without masks).
-        dropped = [[] for _ in range(n_branches)] if masks is None else \
-            [_runs([not keep for keep in column]) for column in (masks > 0).t().tolist()]
+        # Per branch, the runs of samples that kept it and that dropped it (no masks: all kept).
+        if masks is None:
+            kept = [[(0, x.shape[0])] for _ in range(n_branches)]
+            dropped = [[] for _ in range(n_branches)]
+        else:
+            columns = (masks > 0).t().tolist()
+            kept = [_runs(column) for column in columns]
+            dropped = [_runs([not keep for keep in column]) for column in columns]
         with torch.autocast(x.device.type, enabled=False):
             xc = x.to(dtype).contiguous()
             values = patched_values(layer, scale, dtype)
@@ -275,7 +280,7 @@ class _MergedBranchLinear(torch.autograd.Function):
         # x itself is saved only when it is needed and cannot be rebuilt.
         saved_x = xc if need_x and rebuild is None else None
         ctx.save_for_backward(saved_x, masks, *(rebuild.tensors if rebuild is not None else ()))
-        ctx.layer, ctx.scale, ctx.dtype, ctx.dropped = layer, scale, dtype, dropped
+        ctx.layer, ctx.scale, ctx.dtype, ctx.kept, ctx.dropped = layer, scale, dtype, kept, dropped
         ctx.patch, ctx.rebuild = values, rebuild
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.weight_dtypes = [w.dtype for w in branch_params[:n_branches]]
@@ -332,8 +337,7 @@ class _MergedBranchLinear(torch.autograd.Function):
                     continue
                 branch = layer.branches[k]
                 # The rows of the samples that kept branch k.
-                ranges = None if masks is None else \
-                    [(a * tokens, b * tokens) for a, b in _runs((masks[:, k] > 0).tolist())]
+                ranges = [(a * tokens, b * tokens) for a, b in ctx.kept[k]]
                 if ranges == []:
                     gw = torch.zeros(branch.weight.shape, dtype=torch.float32, device=g.device)
                 else:
