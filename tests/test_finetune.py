@@ -18,7 +18,7 @@ from consolidator_hf.offline_default import (
     run_offline_default,
 )
 from script_module import load_script
-from tiny_vtab import save_tiny_backbone, write_tiny_vtab
+from tiny_vtab import write_tiny_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "scripts", "finetune.py")
@@ -30,10 +30,7 @@ def _script():
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("cli")
-    write_tiny_vtab(tmp / "vtab")
-    save_tiny_backbone(tmp / "backbone")
-    return tmp
+    return write_tiny_workdir(tmp_path_factory.mktemp("cli"))
 
 
 def test_yaml_config_with_flag_overrides(tiny):

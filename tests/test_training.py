@@ -19,7 +19,7 @@ from consolidator_hf.training import (
     run_finetune,
     warmup_cosine_lambda,
 )
-from tiny_vtab import save_tiny_backbone, write_tiny_vtab
+from tiny_vtab import write_tiny_workdir
 
 
 def _cfg(tmp, name, **kw):
@@ -33,10 +33,7 @@ def _cfg(tmp, name, **kw):
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("finetune")
-    write_tiny_vtab(tmp / "vtab")
-    save_tiny_backbone(tmp / "backbone")
-    return tmp
+    return write_tiny_workdir(tmp_path_factory.mktemp("finetune"))
 
 
 @pytest.fixture(scope="module")

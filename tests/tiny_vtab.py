@@ -33,3 +33,10 @@ def save_tiny_backbone(path, seed=0, num_labels=3):
     ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3,
                       image_std=[0.5] * 3).save_pretrained(path)
     return str(path)
+
+
+def write_tiny_workdir(root):
+    """``root/vtab`` (a tiny task) and ``root/backbone`` (a tiny pretrained ViT); returns root."""
+    write_tiny_vtab(root / "vtab")
+    save_tiny_backbone(root / "backbone")
+    return root
