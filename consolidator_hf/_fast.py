@@ -41,7 +41,7 @@ output that o_proj reads is a view of a tensor the attention kernel saved anyway
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from . import grouped
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .layer import ConsolidatorLinear
+    from .layer import ConsolidatorLinear, UnionState
 
 def _runs(flags: List[bool]) -> List[Tuple[int, int]]:
     """``[start, stop)`` of every maximal run of ``True`` in ``flags``."""
@@ -68,6 +68,14 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
+
+
+def _autocast_off(device_type: str):
+    """Autocast disabled for a block (the fast path picks its dtypes itself); entering the
+    context costs more than the small ops it would wrap, so it is skipped when already off."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return nullcontext()
 
 
 # ------------------------------------------------------------------ rebuilding the input
@@ -175,22 +183,22 @@ class InputRebuild:
 
 
 # ------------------------------------------------------------------ the patched weight
-def patched_values(layer: "ConsolidatorLinear", scale: float, dtype: torch.dtype) -> torch.Tensor:
+def patched_values(layer: "ConsolidatorLinear", state: "UnionState", scale: float,
+                   dtype: torch.dtype) -> torch.Tensor:
     """``W0 + scale * sum_k D_k`` on the union of the supports (fp32 sum, cast to ``dtype``), in
-    the order of ``layer._union_state()``'s index."""
-    _, positions, original = layer._union_state()
-    values = original
+    the order of ``state.union`` (``state = layer._union_state()``)."""
+    values = state.original
     for k, branch in enumerate(layer.branches):
         w = branch.weight.detach().reshape(-1)
-        if positions[k] is None:  # this branch's entries are the union, in order
+        if state.positions[k] is None:  # this branch's entries are the union, in order
             values = torch.add(values, w, alpha=scale)
         else:
-            values = values.index_add(0, positions[k], w.float(), alpha=scale)
+            values = values.index_add(0, state.positions[k], w.float(), alpha=scale)
     return values.to(dtype)
 
 
 @contextmanager
-def patched_weight(layer: "ConsolidatorLinear", values: torch.Tensor,
+def patched_weight(layer: "ConsolidatorLinear", state: "UnionState", values: torch.Tensor,
                    dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """``W0`` with ``values`` written on the union support, in ``dtype``, for a ``with`` block.
 
@@ -200,21 +208,20 @@ def patched_weight(layer: "ConsolidatorLinear", values: torch.Tensor,
     """
     w0 = layer.base_layer.weight
     in_place = w0.dtype == dtype and w0.is_contiguous()
-    union = layer._union_state()[0]
     if not in_place:
         target = w0.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-        target.view(-1).index_copy_(0, union, values)
+        target.view(-1).index_copy_(0, state.union, values)
         yield target
         return
     # Through .data: the original entries are back before anything else can read W0, so the
     # patch must not bump the version counter autograd checks on W0 (a frozen weight saved by
     # some other op would otherwise raise on backward).
     flat = w0.data.view(-1)
-    flat.index_copy_(0, union, values)
+    flat.index_copy_(0, state.union, values)
     try:
         yield w0.detach()
     finally:
-        flat.index_copy_(0, union, layer._union_state(native=True)[2])
+        flat.index_copy_(0, state.union, state.native)
 
 
 def _merged_bias(layer: "ConsolidatorLinear", scale: float,
@@ -253,13 +260,14 @@ class _MergedBranchLinear(torch.autograd.Function):
             kept = [[(0, x.shape[0])] for _ in range(n_branches)]
             dropped = [[] for _ in range(n_branches)]
         else:
-            columns = (masks > 0).t().tolist()
+            columns = (masks > 0).t().tolist()  # masks live on the CPU: no device sync
             kept = [_runs(column) for column in columns]
             dropped = [_runs([not keep for keep in column]) for column in columns]
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             xc = x.to(dtype).contiguous()
-            values = patched_values(layer, scale, dtype)
-            with patched_weight(layer, values, dtype) as w:
+            state = layer._union_state()
+            values = patched_values(layer, state, scale, dtype)
+            with patched_weight(layer, state, values, dtype) as w:
                 y = F.linear(xc, w, _merged_bias(layer, scale, dtype))
             for k, runs in enumerate(dropped):
                 branch = layer.branches[k]
@@ -296,13 +304,13 @@ class _MergedBranchLinear(torch.autograd.Function):
         grad_weights: List[Optional[torch.Tensor]] = [None] * n_branches
         grad_biases: List[Optional[torch.Tensor]] = [None] * n_branches
         batch = ctx.x_shape[0]
-        with torch.autocast(grad_out.device.type, enabled=False):
+        with _autocast_off(grad_out.device.type):
             g = grad_out.to(dtype).contiguous()
             g2 = _rows(g)
             tokens = g2.shape[0] // batch  # rows per sample
             in_f, out_f = layer.in_features, layer.out_features
             if needs[_X]:
-                with patched_weight(layer, ctx.patch, dtype) as w:
+                with patched_weight(layer, layer._union_state(), ctx.patch, dtype) as w:
                     grad_x = torch.mm(g2, w)
                 for k, runs in enumerate(dropped):
                     branch = layer.branches[k]
@@ -324,10 +332,13 @@ class _MergedBranchLinear(torch.autograd.Function):
                     total = per_sample.sum(0)
                 if needs[_B0]:
                     grad_b0 = total.to(layer.base_layer.bias.dtype)
+                if any(needs[_BRANCHES + n_branches:]):
+                    # Branch k's bias sums the samples that kept it, times the 1/(1-p) scale.
+                    sums = [total] * n_branches if masks is None else \
+                        masks.t().to(per_sample) @ per_sample
                 for k in range(n_branches):
                     if needs[_BRANCHES + n_branches + k]:
-                        c = total if masks is None else masks[:, k].float() @ per_sample
-                        grad_biases[k] = c.to(layer.branches[k].bias.dtype)
+                        grad_biases[k] = sums[k].to(layer.branches[k].bias.dtype)
             need_w = needs[_W0] or any(needs[_BRANCHES:_BRANCHES + n_branches])
             if need_w:
                 x_rows = _rows(saved_x.to(dtype)) if ctx.rebuild is None else \
@@ -345,7 +356,7 @@ class _MergedBranchLinear(torch.autograd.Function):
                         g2, x_rows, branch.groups, branch.shuffle, row_offset=branch.row_offset,
                         virtual_out=branch.virtual_out, row_ranges=ranges, in_features=in_f)
                     if scale != 1.0:
-                        gw = gw.float() * scale
+                        gw = gw.to(torch.float32).mul_(scale)  # a fresh tensor: scaled in place
                 grad_weights[k] = gw.to(ctx.weight_dtypes[k])
             if needs[_W0]:
                 x2 = x_rows if ctx.rebuild is None else x_rows(0, g2.shape[0])

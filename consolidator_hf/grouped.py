@@ -38,6 +38,7 @@ It is a bijection between a branch's parameters and its support.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -59,6 +60,7 @@ __all__ = [
     "block_plan",
     "BlockPlan",
     "keep_mask",
+    "keep_masks",
 ]
 
 
@@ -200,6 +202,14 @@ def keep_mask(
     return keep.to(dtype) / (1.0 - drop_rate)
 
 
+def keep_masks(batch: int, branches: int, drop_rate: float, *,
+               generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``branches`` per-sample masks at once, ``(batch, branches)`` fp32 on the CPU: column ``k``
+    holds the numbers of the ``k``-th of as many consecutive :func:`keep_mask` draws."""
+    keep = torch.rand(branches, batch, generator=generator) >= drop_rate
+    return keep.t().to(torch.float32) / (1.0 - drop_rate)
+
+
 def grouped_forward_reference(
     x: torch.Tensor, weight: torch.Tensor, groups: int, shuffle: bool, *,
     row_offset: int = 0, virtual_out: Optional[int] = None,
@@ -238,6 +248,7 @@ class BlockPlan(NamedTuple):
     batches: int
 
 
+@lru_cache(maxsize=None)  # a few shapes per model, asked for on every forward and backward
 def block_plan(in_features: int, out_features: int, groups: int, *, row_offset: int = 0,
                virtual_out: Optional[int] = None) -> BlockPlan:
     """The :class:`BlockPlan` of a branch with ``groups`` groups over rows
@@ -354,7 +365,7 @@ def grouped_weight_grad(
                       virtual_out=virtual_out)
     b, c, r, s = plan.batches, plan.c, plan.rows, plan.s
     chunk = max(1, _CHUNK_BYTES // (grad_out.element_size() * (in_features + out_features)))
-    full = grad_out.new_zeros(b, c * r, c * s)
+    full = None
     for start, stop in ([(0, n)] if row_ranges is None else row_ranges):
         for a in range(start, stop, chunk):
             e = min(a + chunk, stop)
@@ -362,7 +373,13 @@ def grouped_weight_grad(
             if plan.lead or plan.trail:
                 gs = torch.nn.functional.pad(gs, (plan.lead, plan.trail))
             g_blocks = gs.reshape(e - a, b, c * r).permute(1, 2, 0)
-            full.baddbmm_(g_blocks, _input_blocks(x(a, e), groups, shuffle, plan))
+            x_blocks = _input_blocks(x(a, e), groups, shuffle, plan)
+            if full is None:
+                full = torch.bmm(g_blocks, x_blocks)
+            else:
+                full.baddbmm_(g_blocks, x_blocks)
+    if full is None:  # no rows
+        full = grad_out.new_zeros(b, c * r, c * s)
     blocks = full.view(b, c, r, c, s).diagonal(dim1=1, dim2=3)  # (b, rows, s, c)
     blocks = blocks.permute(0, 3, 1, 2)  # (b, c, rows, s): group first + b*c + i
     return blocks.reshape(-1, s)[plan.lead:plan.lead + out_features]

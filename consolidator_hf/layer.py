@@ -6,7 +6,7 @@ The math lives in :mod:`consolidator_hf.grouped`; this module holds parameters a
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -63,6 +63,22 @@ class ConsolidatorBranch(nn.Module):
     def extra_repr(self) -> str:
         return (f"out={self.weight.shape[0]}, in={self.in_features}, groups={self.groups}, "
                 f"shuffle={self.shuffle}, bias={self.bias is not None}")
+
+
+class UnionState(NamedTuple):
+    """Where the branches sit in ``W0``, for the fast path.
+
+    ``union``: flat indices of ``W0`` covered by any branch (a single branch's support in its
+    own order, so its compact weight maps onto it without a gather); ``positions[k]``: where
+    branch ``k``'s entries sit in ``union`` (``None`` when they are ``union`` itself);
+    ``original``: ``W0`` read on ``union`` in fp32; ``native``: the same in ``W0``'s dtype, to
+    restore it bit for bit.
+    """
+
+    union: torch.Tensor
+    positions: List[Optional[torch.Tensor]]
+    original: torch.Tensor
+    native: torch.Tensor
 
 
 class ConsolidatorLinear(nn.Module):
@@ -130,16 +146,19 @@ class ConsolidatorLinear(nn.Module):
             return self.forward_fast(x)
         return self.forward_reference(x)
 
-    def draw_masks(self, batch: int, device=None) -> Optional[torch.Tensor]:
-        """Per-sample keep masks ``(batch, K)`` (``1/(1-p)`` or 0), or ``None`` when nothing drops.
+    def draw_masks(self, batch: int) -> Optional[torch.Tensor]:
+        """Per-sample keep masks ``(batch, K)`` (``1/(1-p)`` or 0) on the CPU, or ``None`` when
+        nothing drops.
 
-        Drawn branch by branch with :func:`grouped.keep_mask`, in the order the reference
-        path draws them, so both paths see identical masks under the same seed.
+        The same numbers as K consecutive :func:`grouped.keep_mask` draws, one per branch in
+        order (what the reference path draws), so both paths see identical masks under the same
+        seed. They come from the CPU generator on every device: the fast path needs to know on
+        the host which samples dropped a branch, and reading that back from a GPU would
+        synchronise once per layer.
         """
         if not (self.training and self.drop_rate > 0):
             return None
-        return torch.stack([grouped.keep_mask(batch, self.drop_rate, device=device)
-                            for _ in self.branches], dim=1)
+        return grouped.keep_masks(batch, len(self.branches), self.drop_rate)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """Same result as :meth:`forward_reference` through one merged-weight GEMM.
@@ -148,19 +167,11 @@ class ConsolidatorLinear(nn.Module):
         the backward pass computes branch-weight gradients from the block structure
         (see :mod:`consolidator_hf._fast`).
         """
-        masks = self.draw_masks(x.shape[0] if x.dim() > 1 else 1, device=x.device)
-        return merged_branch_linear(self, x, masks)
+        return merged_branch_linear(self, x, self.draw_masks(x.shape[0] if x.dim() > 1 else 1))
 
-    def _union_state(self, native: bool = False
-                     ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]], torch.Tensor]:
-        """Cached ``(union, positions, original)`` for the fast path.
-
-        ``union``: flat indices of ``W0`` covered by any branch (a single branch's support in
-        its own order, so its compact weight maps onto it without a gather); ``positions[k]``:
-        where branch ``k``'s entries sit in ``union`` (``None`` when they are ``union`` itself);
-        ``original``: ``W0`` read on ``union``, in fp32 (``native=True``: in ``W0``'s dtype, to
-        restore it bit for bit). Rebuilt when ``W0`` moves, is replaced or changes in place.
-        """
+    def _union_state(self) -> "UnionState":
+        """The cached :class:`UnionState` of the fast path, rebuilt when ``W0`` moves, is
+        replaced or changes in place."""
         w0 = self.base_layer.weight
         key = (w0.device, w0.dtype, w0.data_ptr(), w0._version)
         cache = getattr(self, "_union_cache", None)
@@ -172,17 +183,18 @@ class ConsolidatorLinear(nn.Module):
                 union = grouped.union_support(idxs)
                 positions = [torch.searchsorted(union, i) for i in idxs]
             native_values = w0.detach().reshape(-1).index_select(0, union)
-            cache = (key, union, positions, native_values.float(), native_values)
+            cache = (key, UnionState(union, positions, native_values.float(), native_values))
             self._union_cache = cache
-        return cache[1], cache[2], cache[4] if native else cache[3]
+        return cache[1]
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """DESIGN.md section 1 literally: base, plus each branch times its per-sample mask."""
         y = self.base_layer(x)
-        for branch in self.branches:
+        masks = self.draw_masks(x.shape[0])
+        for k, branch in enumerate(self.branches):
             out = branch(x)
-            if self.training and self.drop_rate > 0:
-                m = grouped.keep_mask(x.shape[0], self.drop_rate, device=x.device, dtype=out.dtype)
+            if masks is not None:
+                m = masks[:, k].to(device=x.device, dtype=out.dtype)
                 out = out * m.view(-1, *([1] * (out.dim() - 1)))
             y = y + out
         return y
