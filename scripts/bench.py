@@ -30,7 +30,10 @@ system defaults the page-fault count of one configuration varied 10x between ide
 here, swamping the differences being measured. ``--allocator system`` measures the defaults.
 
 A last worker times inference (plain model, merged model, unmerged wrapper), the time to
-merge the whole model (``merge_and_unload``) and the adapter file size. Everything is random
+merge the whole model (``merge_and_unload``) and the adapter file size, and the host time one
+adapted layer adds to a training step (forward + backward of LayerNorm -> linear at 64 features
+and 32 rows, where the arithmetic is negligible): what the Python and the extra small ops of
+each implementation cost per layer and step, the part of a step that does not shrink on a GPU. Everything is random
 init from ``ViTConfig``: no Hub access. Writes ``bench.json`` and ``bench.png`` into
 ``--output-dir`` and prints a Markdown table.
 """
@@ -263,6 +266,39 @@ def median_time(fn, repeats: int, device) -> float:
     return statistics.median(times)
 
 
+def layer_overhead_us(device, repeats: int = 300, features: int = 64,
+                      rows: int = 32) -> Dict[str, float]:
+    """Median microseconds of forward + backward through ``LayerNorm -> linear`` at a size where
+    the arithmetic is negligible: a frozen ``nn.Linear`` with a trainable bias (what the floor
+    runs), and a ``ConsolidatorLinear`` (2-channel blocks, drop 0.1) per ``impl``, interleaved."""
+    import torch
+
+    from consolidator_hf import ConsolidatorLinear
+
+    norm = torch.nn.LayerNorm(features).to(device)
+    x = torch.randn(rows // 4, 4, features, device=device, requires_grad=True)
+    grad = torch.randn(rows // 4, 4, features, device=device)
+    layers = {"plain": torch.nn.Linear(features, features)}
+    for impl in ("fast", "reference"):
+        layers[impl] = ConsolidatorLinear(torch.nn.Linear(features, features), (features // 2,),
+                                          drop_rate=0.1, impl=impl).train()
+    for layer in layers.values():
+        layer.to(device)
+        for name, param in layer.named_parameters():
+            if name.endswith("weight") and "branches" not in name:
+                param.requires_grad_(False)
+    times: Dict[str, List[float]] = {k: [] for k in layers}
+    for r in range(repeats + 20):
+        for name, layer in layers.items():
+            _sync(device)
+            t = time.perf_counter()
+            layer(norm(x)).backward(grad)
+            _sync(device)
+            if r >= 20:  # warm-up
+                times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
+
+
 def inference_worker(args: argparse.Namespace) -> None:
     """Inference of plain / merged / unmerged models, merge time, adapter size: one JSON line."""
     import copy
@@ -305,7 +341,10 @@ def inference_worker(args: argparse.Namespace) -> None:
         wrapped.save_pretrained(tmp)
         adapter_bytes = os.path.getsize(os.path.join(tmp, WEIGHTS_NAME))
     counts = wrapped.parameter_counts()
+    overhead = layer_overhead_us(device)
     _send({
+        "layer_overhead_us": overhead,
+        "adapted_layers": sum(1 for _ in wrapped.consolidator_layers()),
         "inference_s": {k: statistics.median(v) for k, v in times.items()},
         "inference_all_s": times,
         "merged_vs_unmerged_max_abs_logit_diff": exact,
@@ -433,6 +472,12 @@ def markdown_table(report: Dict[str, Any]) -> str:
     lines += ["", "| inference (batch) | time (s) | × plain |", "| --- | ---: | ---: |"]
     for k in ("plain", "merged", "unmerged"):
         lines.append(f"| {k} | {t[k]:.3f} | {t[k] / t['plain']:.3f} |")
+    o = inf["layer_overhead_us"]
+    lines += ["", "| host time per adapted layer, fwd+bwd (64 features, 32 rows) | µs | extra "
+                  f"per step ({inf['adapted_layers']} layers), ms |", "| --- | ---: | ---: |"]
+    for k in ("plain", "fast", "reference"):
+        extra = (o[k] - o["plain"]) * inf["adapted_layers"] / 1e3
+        lines.append(f"| {k} | {o[k]:.0f} | {extra:.1f} |")
     lines += ["", f"merge_and_unload of the whole model: {inf['merge_s']:.3f} s; "
                   f"adapter file: {inf['adapter_file_bytes']:,} bytes "
                   f"({inf['stored_params']:,} stored params); merged vs unmerged max |Δlogit| "

@@ -53,6 +53,10 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
     assert set(inf["inference_s"]) == {"plain", "merged", "unmerged"}
     assert inf["merged_vs_unmerged_max_abs_logit_diff"] <= 1e-5
     assert inf["merge_s"] > 0
+    assert inf["adapted_layers"] == 2 * 6
+    assert set(inf["layer_overhead_us"]) == {"plain", "fast", "reference"}
+    assert all(v > 0 for v in inf["layer_overhead_us"].values())
+    assert "| host time per adapted layer" in proc.stdout
     # The adapter file holds the stored parameters in fp32 plus a header.
     assert inf["stored_params"] * 4 < inf["adapter_file_bytes"] < inf["stored_params"] * 4 + 64_000
 
