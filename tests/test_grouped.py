@@ -101,3 +101,15 @@ def test_keep_mask_scale_and_rate():
     m = grouped.keep_mask(20000, 0.25, generator=g)
     assert torch.equal(m.unique(), torch.tensor([0.0, 1 / 0.75]))
     assert abs((m > 0).float().mean().item() - 0.75) < 0.02
+
+
+@pytest.mark.parametrize("batch,branches", [(1, 1), (8, 3), (5000, 2)])
+def test_keep_masks_are_consecutive_keep_mask_draws(batch, branches):
+    """All branches' masks in one draw: column k holds the k-th of K keep_mask draws, so the
+    fast path (one draw) and a per-branch loop see the same masks under one seed."""
+    got = grouped.keep_masks(batch, branches, 0.3, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    want = torch.stack([grouped.keep_mask(batch, 0.3, generator=g) for _ in range(branches)], 1)
+    assert got.shape == (batch, branches) and got.dtype == torch.float32
+    assert got.device.type == "cpu"
+    assert torch.equal(got, want)
