@@ -25,13 +25,16 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 from ._io import atomic_write_text, cache_dir
+from .data.writer import write_vtab_task
 from .training import FinetuneConfig, run_finetune
 
 SOURCE_TASK = "digits_0to4"
 TARGET_TASK = "digits_5to9"
 SOURCE_CLASSES = (0, 1, 2, 3, 4)
 TARGET_CLASSES = (5, 6, 7, 8, 9)
-SPLITS = ("train800", "val200", "train800val200", "test")
+# Bumped when the written images change (2: JPEGs with 4:4:4 chroma), so a backbone cached from
+# other images is not reused.
+DATA_VERSION = 2
 
 
 def default_cache_dir() -> str:
@@ -91,25 +94,6 @@ def _digit_images(image_size: int):
     return images, digits.target
 
 
-def write_vtab_task(root: str, task: str, images, labels: List[int],
-                    splits: Dict[str, List[int]]) -> str:
-    """Write one task in the VTAB-1k on-disk format: ``<root>/<task>/<split>.txt`` with lines
-    ``images/<split>/<NNNNNN>.jpg <label>`` (``train800val200`` reuses the two parts' files)."""
-    folder = os.path.join(root, task)
-    lines: Dict[str, List[str]] = {}
-    for split in ("train800", "val200", "test"):
-        os.makedirs(os.path.join(folder, "images", split), exist_ok=True)
-        lines[split] = []
-        for j, idx in enumerate(splits[split]):
-            rel = f"images/{split}/{j:06d}.jpg"
-            images[idx].save(os.path.join(folder, rel), quality=95)
-            lines[split].append(f"{rel} {labels[idx]}")
-    lines["train800val200"] = lines["train800"] + lines["val200"]
-    for split in SPLITS:
-        atomic_write_text(os.path.join(folder, f"{split}.txt"), "\n".join(lines[split]) + "\n")
-    return folder
-
-
 def _split_indices(idx, n_train: int, n_val: int, cap: Optional[int]) -> Dict[str, List[int]]:
     parts = {"train800": idx[:n_train], "val200": idx[n_train:n_train + n_val],
              "test": idx[n_train + n_val:]}
@@ -138,8 +122,9 @@ def write_digit_tasks(data_dir: str, cfg: OfflineDefaultConfig) -> Dict[str, Dic
             raise ValueError(f"{task}: {n_train} + {n_val} training images leave none of the "
                              f"{len(idx)} for the test split")
         parts = _split_indices(idx, n_train, n_val, cfg.max_images_per_split)
-        labels = [classes.index(int(t)) if int(t) in classes else -1 for t in target]
-        write_vtab_task(data_dir, task, images, labels, parts)
+        write_vtab_task(data_dir, task, {
+            split: ([images[i] for i in rows], [classes.index(int(target[i])) for i in rows])
+            for split, rows in parts.items()})
         sizes[task] = {k: len(v) for k, v in parts.items()}
     return sizes
 
@@ -150,7 +135,7 @@ def backbone_name(cfg: OfflineDefaultConfig) -> str:
     cap = "" if cfg.max_images_per_split is None else f"-cap{cfg.max_images_per_split}"
     return (f"vit-digits0to4-h{cfg.hidden_size}-l{cfg.num_hidden_layers}-a{cfg.num_attention_heads}"
             f"-i{cfg.intermediate_size}-p{cfg.patch_size}-s{cfg.image_size}-e{cfg.source_epochs:g}"
-            f"-lr{cfg.source_learning_rate:g}-b{cfg.batch_size}-seed{cfg.seed}{cap}")
+            f"-lr{cfg.source_learning_rate:g}-b{cfg.batch_size}-seed{cfg.seed}{cap}-d{DATA_VERSION}")
 
 
 def _init_model_folder(path: str, cfg: OfflineDefaultConfig) -> None:

@@ -5,7 +5,7 @@ import numpy as np
 from PIL import Image
 from transformers import ViTImageProcessor
 
-from consolidator_hf.offline_default import write_vtab_task
+from consolidator_hf.data.writer import write_vtab_task
 from tiny import tiny_vit
 
 
@@ -22,8 +22,9 @@ def write_tiny_vtab(root, task="tiny_task", num_classes=3, sizes=(24, 6, 12), se
         images.append(Image.fromarray(a.clip(0, 255).astype(np.uint8)))
     order = rng.permutation(n)
     a, b = sizes[0], sizes[0] + sizes[1]
-    splits = {"train800": list(order[:a]), "val200": list(order[a:b]), "test": list(order[b:])}
-    return write_vtab_task(str(root), task, images, labels, splits)
+    rows = {"train800": order[:a], "val200": order[a:b], "test": order[b:]}
+    return write_vtab_task(str(root), task, {
+        split: ([images[i] for i in idx], [labels[i] for i in idx]) for split, idx in rows.items()})
 
 
 def save_tiny_backbone(path, seed=0, num_labels=3):

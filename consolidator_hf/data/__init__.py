@@ -1,4 +1,5 @@
-"""VTAB-1k registry, ``datasets``-based loaders and lazy image transforms."""
+"""VTAB-1k registry, ``datasets``-based loaders, lazy image transforms and a writer of the
+VTAB-1k on-disk format."""
 
 from .loaders import SPLITS, load_image_dataset, load_vtab1k, read_vtab_list, vtab_features
 from .registry import (
@@ -15,6 +16,7 @@ from .registry import (
     tasks,
 )
 from .transforms import PREPROCESSING, make_transform, paper_pixel_values, to_rgb
+from .writer import write_vtab_task
 
 __all__ = [
     "BACKBONES",
@@ -37,4 +39,5 @@ __all__ = [
     "tasks",
     "to_rgb",
     "vtab_features",
+    "write_vtab_task",
 ]

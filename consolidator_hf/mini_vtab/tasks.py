@@ -33,12 +33,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from .._io import atomic_dir
+from ..data.writer import JPEG_QUALITY, write_vtab_task
 from .sources import FASHION_MNIST_CLASSES, load_digits_images, load_fashion_mnist
 
 IMAGE_SIZE = 32
 TRAIN_SIZE, VAL_SIZE, TEST_SIZE = 800, 200, 1000
-JPEG_QUALITY = 95
 SPLIT_FILES = ("train800", "val200", "train800val200", "test")
 GENERATOR_VERSION = 1
 
@@ -282,23 +281,6 @@ def task_seed(seed: int, name: str) -> List[int]:
     return [int(seed), zlib.crc32(name.encode("utf-8"))]
 
 
-def _write_split(folder: str, split: str, images: np.ndarray, labels: np.ndarray) -> List[str]:
-    os.makedirs(os.path.join(folder, "images", split))
-    lines = []
-    for i, (img, label) in enumerate(zip(images, labels)):
-        rel = f"images/{split}/{i:06d}.jpg"
-        # fixed quality and 4:4:4 chroma: same pixels in, same bytes out
-        Image.fromarray(img, "RGB").save(os.path.join(folder, rel), format="JPEG",
-                                         quality=JPEG_QUALITY, subsampling=0)
-        lines.append(f"{rel} {int(label)}")
-    return lines
-
-
-def _write_lines(path: str, lines: Sequence[str]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-
-
 def generate_task(name: str, data_dir: str, *, seed: int = 0, fashion_dir: Optional[str] = None,
                   test_size: int = TEST_SIZE, sources: Optional[Sources] = None) -> Dict[str, object]:
     """Write task ``name`` under ``data_dir/name`` and return its ``task.json`` summary.
@@ -315,22 +297,24 @@ def generate_task(name: str, data_dir: str, *, seed: int = 0, fashion_dir: Optio
         if labs.min() < 0 or labs.max() >= task.num_classes:  # a builder bug, never user input
             raise AssertionError(f"{name}/{split_name}: labels outside 0..{task.num_classes - 1}")
 
-    with atomic_dir(os.path.join(data_dir, name)) as tmp:
-        train = _write_split(tmp, "train800", tv_images[:TRAIN_SIZE], tv_labels[:TRAIN_SIZE])
-        val = _write_split(tmp, "val200", tv_images[TRAIN_SIZE:], tv_labels[TRAIN_SIZE:])
-        test = _write_split(tmp, "test", te_images, te_labels)
-        for split_name, lines in (("train800", train), ("val200", val),
-                                  ("train800val200", train + val), ("test", test)):
-            _write_lines(os.path.join(tmp, f"{split_name}.txt"), lines)
-        summary = {
-            "name": name, "group": task.group, "num_classes": task.num_classes,
-            "label_names": list(task.label_names), "description": task.description,
-            "source": task.source, "seed": int(seed), "generator_version": GENERATOR_VERSION,
-            "image_size": IMAGE_SIZE, "image_format": f"JPEG quality {JPEG_QUALITY}, 4:4:4",
-            "sizes": {"train800": len(train), "val200": len(val),
-                      "train800val200": len(train) + len(val), "test": len(test)},
-        }
-        _write_lines(os.path.join(tmp, "task.json"), [json.dumps(summary, indent=2, sort_keys=True)])
+    n_train = min(TRAIN_SIZE, len(tv_labels))
+    sizes = {"train800": n_train, "val200": len(tv_labels) - n_train,
+             "train800val200": len(tv_labels), "test": len(te_labels)}
+    summary = {
+        "name": name, "group": task.group, "num_classes": task.num_classes,
+        "label_names": list(task.label_names), "description": task.description,
+        "source": task.source, "seed": int(seed), "generator_version": GENERATOR_VERSION,
+        "image_size": IMAGE_SIZE, "image_format": f"JPEG quality {JPEG_QUALITY}, 4:4:4",
+        "sizes": sizes,
+    }
+    written = write_vtab_task(
+        data_dir, name,
+        {"train800": (tv_images[:TRAIN_SIZE], tv_labels[:TRAIN_SIZE]),
+         "val200": (tv_images[TRAIN_SIZE:], tv_labels[TRAIN_SIZE:]),
+         "test": (te_images, te_labels)},
+        quality=JPEG_QUALITY,
+        extra_files={"task.json": json.dumps(summary, indent=2, sort_keys=True) + "\n"})
+    assert written == sizes, (written, sizes)
     return summary
 
 
