@@ -41,6 +41,7 @@ output that o_proj reads is a view of a tensor the attention kernel saved anyway
 
 from __future__ import annotations
 
+import warnings
 from contextlib import contextmanager, nullcontext
 from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
 
@@ -95,6 +96,7 @@ class InputRebuild:
     """
 
     _ATTR = "_consolidator_rebuild"
+    _warned = False  # the missing-attributes warning is given once per process
 
     def __init__(self, kind: str, tensors: Tuple[Optional[torch.Tensor], ...],
                  approximate: str, dtype: torch.dtype) -> None:
@@ -131,6 +133,13 @@ class InputRebuild:
             else:
                 return None
         except (AttributeError, RuntimeError):  # another torch build's node layout
+            if not cls._warned:
+                cls._warned = True
+                warnings.warn(
+                    f"consolidator_hf: this torch ({torch.__version__}) does not expose what "
+                    f"{name} saved, so the fast path keeps adapted layers' inputs for backward "
+                    "instead of rebuilding them (same results, more activation memory)",
+                    RuntimeWarning, stacklevel=2)
             return None
         if tensors[0].shape != x.shape:
             return None

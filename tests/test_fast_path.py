@@ -461,3 +461,35 @@ def test_backward_twice_with_retained_graph():
     out.sum().backward()
     for n, g in first.items():
         torch.testing.assert_close(dict(block.named_parameters())[n].grad, g)
+
+
+def test_unreadable_producer_falls_back_to_saving_the_input_with_one_warning(monkeypatch):
+    """If a torch build hides what LayerNorm saved, the input is kept (same gradients) and the
+    user is told once that the fast path now costs activation memory."""
+    from consolidator_hf import _fast
+
+    class NativeLayerNormBackward0:  # the node's type name, without the _saved_* attributes
+        pass
+
+    monkeypatch.setattr(_fast.InputRebuild, "_warned", False)
+    x = torch.randn(2, 3)
+    with pytest.warns(RuntimeWarning, match="does not expose what NativeLayerNormBackward0 saved"):
+        assert _fast.InputRebuild._from_node(NativeLayerNormBackward0(), x) is None
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _fast.InputRebuild._from_node(NativeLayerNormBackward0(), x) is None  # once only
+
+    # Through a layer: with rebuilding unavailable the gradients are still the reference's.
+    monkeypatch.setattr(_fast.InputRebuild, "_from_node", classmethod(lambda cls, node, x: None))
+    norm = nn.LayerNorm(8)
+    layer = ConsolidatorLinear(nn.Linear(8, 8), (4,), drop_rate=0.0, init_range=0.3).train()
+    layer.base_layer.weight.requires_grad_(False)
+    inp = torch.randn(3, 5, 8)
+    grads = {}
+    for impl in ("fast", "reference"):
+        layer.impl = impl
+        layer.zero_grad()
+        layer(norm(inp)).square().sum().backward()
+        grads[impl] = layer.branches[0].weight.grad.clone()
+    torch.testing.assert_close(grads["fast"], grads["reference"], rtol=1e-5, atol=1e-6)
