@@ -130,6 +130,7 @@ class ConsolidatorLinear(nn.Module):
         self.virtual_out_features = vout
         self.impl = impl
         self.merged = False
+        self.disabled = False  # ConsolidatorModel.disable_adapter: forward through the base alone
         self._merged_bias_added = False
         w = base_layer.weight
         self.branches = nn.ModuleList(
@@ -140,7 +141,7 @@ class ConsolidatorLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
+        if self.merged or self.disabled:
             return self.base_layer(x)
         if self.impl == "fast":
             return self.forward_fast(x)
@@ -222,6 +223,8 @@ class ConsolidatorLinear(nn.Module):
         """
         if self.merged:
             return
+        if self.disabled:
+            raise ValueError(f"{self.name}: cannot merge inside disable_adapter()")
         w = self.base_layer.weight
         new_w = (w.float() + self.delta_weight()).to(w.dtype)
         db = self.delta_bias()

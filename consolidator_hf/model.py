@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
+from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
@@ -279,6 +280,51 @@ class ConsolidatorModel(nn.Module):
         for _, layer in self.consolidator_layers():
             layer.unmerge()
 
+    @contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Inside this ``with`` block the model computes what the untouched base model computes.
+
+        The branches are bypassed, the tensors that train in place (adapted layers' biases,
+        LayerNorms, ``modules_to_save``) hold their original values, stochastic-depth hooks are
+        off and nothing requires grad; everything is put back on exit, exceptions included.
+        Merged layers cannot be bypassed: call :meth:`unmerge_adapter` first.
+        """
+        layers = list(self.consolidator_layers())
+        merged = [name for name, layer in layers if layer.merged]
+        if merged:
+            raise ValueError(f"disable_adapter: {merged[0]} (and {len(merged) - 1} more) is merged; "
+                             "call unmerge_adapter() first")
+        if any(layer.disabled for _, layer in layers):
+            yield  # already inside a disable_adapter block
+            return
+        in_place = dict(self.trained_base_parameters())  # names as in self._originals
+        trained = {name: in_place[name].detach().clone() for name in self._originals}
+        grad_flags = [(p, p.requires_grad) for p in self.base_model.parameters()]
+        drop_path = self.backbone_drop_path
+        try:
+            with torch.no_grad():
+                for name, original in self._originals.items():
+                    in_place[name].copy_(original)
+            for p, _ in grad_flags:
+                p.requires_grad_(False)
+            for _, layer in layers:
+                layer.disabled = True
+            if drop_path is not None:
+                drop_path.remove()
+                self.backbone_drop_path = None
+            yield
+        finally:
+            for _, layer in layers:
+                layer.disabled = False
+            with torch.no_grad():
+                for name, value in trained.items():
+                    in_place[name].copy_(value)
+            for p, flag in grad_flags:
+                p.requires_grad_(flag)
+            if drop_path is not None:
+                self.backbone_drop_path = add_backbone_drop_path(
+                    self.base_model, self.consolidator_config.backbone_drop_path)
+
     def _replace_layers(self, merge: bool, safe_merge: bool = False) -> nn.Module:
         if merge and safe_merge:
             # Check every layer before touching any, so a bad merge leaves the model intact.
@@ -322,6 +368,8 @@ class ConsolidatorModel(nn.Module):
         for name, layer in self.consolidator_layers():
             if layer.merged:
                 raise ValueError(f"{name} is merged; unmerge_adapter() before saving the adapter")
+            if layer.disabled:  # the in-place tensors hold the base values in there
+                raise ValueError(f"{name}: cannot save the adapter inside disable_adapter()")
             bias_changes = self._stores_layer_bias(layer)
             base_bias = layer.base_layer.bias
             if consolidate:

@@ -354,3 +354,54 @@ def test_counts_hold_while_merged():
     before = model.parameter_counts()
     model.merge_adapter()
     assert model.parameter_counts() == before
+
+
+def test_disable_adapter_gives_the_base_model_and_restores_everything(tmp_path):
+    """Inside disable_adapter() the wrapper computes what the untouched base computes (branches
+    bypassed, trained biases/norms/head at their original values, drop path off, nothing
+    trainable); on exit the trained state, the grad flags and the drop-path hooks are back."""
+    base = tiny_vit()
+    x = pixels()
+    with torch.no_grad():
+        plain = base(x).logits.clone()
+    model = get_consolidator_model(base, cfg(groups=(8, 4), drop_rate=0.3,
+                                             backbone_drop_path=0.2, modules_to_save=["classifier"]))
+    perturb_trainables(model)
+    model.eval()
+    with torch.no_grad():
+        adapted = model(x).logits.clone()
+    assert (adapted - plain).abs().max() > 1e-3
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+
+    model.train()  # drop path and branch drop would act here if they were on
+    with model.disable_adapter():
+        torch.testing.assert_close(model(x).logits, plain, rtol=0, atol=1e-6)
+        assert not any(p.requires_grad for p in model.parameters())
+        with model.disable_adapter():  # nested: still disabled, nothing restored early
+            torch.testing.assert_close(model(x).logits, plain, rtol=0, atol=1e-6)
+        torch.testing.assert_close(model(x).logits, plain, rtol=0, atol=1e-6)
+        with pytest.raises(ValueError, match="cannot merge inside disable_adapter"):
+            model.merge_adapter()
+        with pytest.raises(ValueError, match="cannot save the adapter inside disable_adapter"):
+            model.save_pretrained(str(tmp_path))
+        assert os.listdir(tmp_path) == []
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+    assert model.backbone_drop_path is not None and len(model.backbone_drop_path._handles) > 0
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, adapted, rtol=0, atol=0)
+
+    # An exception inside the block restores as well.
+    with pytest.raises(RuntimeError, match="boom"):
+        with model.disable_adapter():
+            raise RuntimeError("boom")
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, adapted, rtol=0, atol=0)
+
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="is merged; call unmerge_adapter"):
+        with model.disable_adapter():
+            pass
