@@ -493,7 +493,8 @@ def write_chart(report: Dict[str, Any], path: str) -> None:
 
     train = report["train"]
     names = list(train)
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    overhead = report["inference"].get("layer_overhead_us")
+    fig, axes = plt.subplots(1, 4 if overhead else 3, figsize=(20 if overhead else 15, 4.5))
     for ax, key, title in ((axes[0], "time_ratio_to_floor", "training step time / floor"),
                            (axes[1], "mem_ratio_to_floor", "peak training memory / floor")):
         vals = [train[n][key] for n in names]
@@ -508,6 +509,12 @@ def write_chart(report: Dict[str, Any], path: str) -> None:
     axes[2].bar(keys, [inf[k] / inf["plain"] for k in keys], color=["grey", "C2", "C1"])
     axes[2].axhline(1.0, color="k", lw=0.8)
     axes[2].set_title("inference time / plain model")
+    if overhead:
+        keys = ["plain", "fast", "reference"]
+        axes[3].bar(keys, [overhead[k] for k in keys], color=["grey", "C0", "C1"])
+        axes[3].set_title("host time per adapted layer, fwd+bwd (µs)")
+        for i, k in enumerate(keys):
+            axes[3].text(i, overhead[k], f"{overhead[k]:.0f}", ha="center", va="bottom", fontsize=8)
     m = report["machine"]
     fig.suptitle(f"consolidator_hf bench: ViT-{report['args']['model_size']}, batch "
                  f"{report['args']['batch_size']}, {m['device']}, {m['threads']} threads, "
