@@ -16,6 +16,7 @@ import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .._io import atomic_dir
+from .loaders import SPLITS
 
 JPEG_QUALITY = 95
 
@@ -64,7 +65,7 @@ def write_vtab_task(root: str, task: str,
             if isinstance(label, bool) or int(label) != label or int(label) < 0:
                 raise ValueError(f"{task}/{split}: label {label!r} of image {i} is not a "
                                  "non-negative integer")
-    reserved = {f"{s}.txt" for s in _IMAGE_SPLITS + ("train800val200",)} | {"images"}
+    reserved = {f"{s}.txt" for s in SPLITS} | {"images"}
     for name in extra_files or {}:
         if not name or os.path.basename(name) != name or name in reserved or name.startswith("."):
             raise ValueError(f"{task}: extra file name {name!r} must be a plain file name other "

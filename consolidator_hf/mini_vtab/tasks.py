@@ -38,7 +38,6 @@ from .sources import FASHION_MNIST_CLASSES, load_digits_images, load_fashion_mni
 
 IMAGE_SIZE = 32
 TRAIN_SIZE, VAL_SIZE, TEST_SIZE = 800, 200, 1000
-SPLIT_FILES = ("train800", "val200", "train800val200", "test")
 GENERATOR_VERSION = 1
 
 Split = Tuple[np.ndarray, np.ndarray]  # images (N, 32, 32, 3) uint8, labels (N,) int64
@@ -297,9 +296,11 @@ def generate_task(name: str, data_dir: str, *, seed: int = 0, fashion_dir: Optio
         if labs.min() < 0 or labs.max() >= task.num_classes:  # a builder bug, never user input
             raise AssertionError(f"{name}/{split_name}: labels outside 0..{task.num_classes - 1}")
 
-    n_train = min(TRAIN_SIZE, len(tv_labels))
-    sizes = {"train800": n_train, "val200": len(tv_labels) - n_train,
-             "train800val200": len(tv_labels), "test": len(te_labels)}
+    splits = {"train800": (tv_images[:TRAIN_SIZE], tv_labels[:TRAIN_SIZE]),
+              "val200": (tv_images[TRAIN_SIZE:], tv_labels[TRAIN_SIZE:]),
+              "test": (te_images, te_labels)}
+    sizes = {split: len(labels) for split, (_, labels) in splits.items()}
+    sizes["train800val200"] = sizes["train800"] + sizes["val200"]
     summary = {
         "name": name, "group": task.group, "num_classes": task.num_classes,
         "label_names": list(task.label_names), "description": task.description,
@@ -307,14 +308,8 @@ def generate_task(name: str, data_dir: str, *, seed: int = 0, fashion_dir: Optio
         "image_size": IMAGE_SIZE, "image_format": f"JPEG quality {JPEG_QUALITY}, 4:4:4",
         "sizes": sizes,
     }
-    written = write_vtab_task(
-        data_dir, name,
-        {"train800": (tv_images[:TRAIN_SIZE], tv_labels[:TRAIN_SIZE]),
-         "val200": (tv_images[TRAIN_SIZE:], tv_labels[TRAIN_SIZE:]),
-         "test": (te_images, te_labels)},
-        quality=JPEG_QUALITY,
-        extra_files={"task.json": json.dumps(summary, indent=2, sort_keys=True) + "\n"})
-    assert written == sizes, (written, sizes)
+    write_vtab_task(data_dir, name, splits, quality=JPEG_QUALITY,
+                    extra_files={"task.json": json.dumps(summary, indent=2, sort_keys=True) + "\n"})
     return summary
 
 
