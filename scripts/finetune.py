@@ -10,7 +10,7 @@
 
 Every flag mirrors a field of ``consolidator_hf.training.FinetuneConfig``; ``--config`` reads
 fields from YAML, and flags given on the command line override it. With no ``--task`` and no
-``--config`` the script runs the offline default (``consolidator_hf.offline_default``): a small
+``--config`` the script runs the offline default (``consolidator_apps.offline_default``): a small
 ViT pretrained on scikit-learn's digits 0-4, adapted to digits 5-9 with Consolidator and with
 the head only.
 """
@@ -26,7 +26,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from consolidator_hf.offline_default import OfflineDefaultConfig, run_offline_default
+from consolidator_apps.offline_default import OfflineDefaultConfig, run_offline_default
 from consolidator_hf import ConsolidatorConfig
 from consolidator_hf.training import FinetuneConfig, run_finetune
 

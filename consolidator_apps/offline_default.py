@@ -24,9 +24,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._io import atomic_write_text, cache_dir
-from .data.writer import write_vtab_task
-from .training import FinetuneConfig, run_finetune
+from consolidator_hf._io import atomic_write_text, cache_dir
+from consolidator_hf.data import write_vtab_task
+from consolidator_hf.training import FinetuneConfig, run_finetune
 
 SOURCE_TASK = "digits_0to4"
 TARGET_TASK = "digits_5to9"

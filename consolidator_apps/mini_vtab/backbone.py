@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .._io import atomic_dir, cache_dir
+from consolidator_hf._io import atomic_dir, cache_dir
 from .sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 PRETRAIN_INFO = "pretrain.json"
