@@ -9,7 +9,7 @@ maps adapter keys written under one scheme onto the other.
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple, Union
 
 from torch import nn
 
@@ -143,3 +143,58 @@ def residual_branches(model: nn.Module) -> List[List[nn.Module]]:
         f"model_type={model_type!r}: found no blocks with residual branches under either naming "
         f"scheme ({RESIDUAL_BRANCHES[model_type]})"
     )
+
+
+# model_type -> the classification head's module name on the ...ForImageClassification model
+# (trained in full and saved beside the adapter: ``modules_to_save``).
+HEAD_MODULES: Dict[str, str] = {"vit": "classifier", "dinov2": "classifier"}
+# model_type -> naming scheme -> the LoRA default targets: the query and value projections
+# (as in the LoRA paper and PEFT's own ViT examples).
+LORA_TARGET_MODULES: Dict[str, Dict[str, List[str]]] = {
+    "vit": {"5.x": ["q_proj", "v_proj"], "4.x": ["query", "value"]},
+    "dinov2": {"5.x": ["q_proj", "v_proj"], "4.x": ["query", "value"]},
+}
+for _alias in ("deit", "vit_msn", "vit_mae"):
+    HEAD_MODULES[_alias] = HEAD_MODULES["vit"]
+    LORA_TARGET_MODULES[_alias] = LORA_TARGET_MODULES["vit"]
+
+
+def _model_type(model: nn.Module) -> Optional[str]:
+    return getattr(getattr(model, "config", None), "model_type", None)
+
+
+def head_module_name(model: nn.Module) -> str:
+    """The classification head's module name for ``model.config.model_type``."""
+    model_type = _model_type(model)
+    if model_type not in HEAD_MODULES:
+        raise ValueError(f"no head module known for model_type={model_type!r}; known: "
+                         f"{sorted(HEAD_MODULES)} (targets.HEAD_MODULES)")
+    name = HEAD_MODULES[model_type]
+    if not isinstance(getattr(model, name, None), nn.Module):
+        raise ValueError(f"model_type={model_type!r}: the model has no head module {name!r} "
+                         f"(a {type(model).__name__}; expected an ...ForImageClassification model)")
+    return name
+
+
+def lora_target_modules(model: Union[nn.Module, str], scheme: Optional[str] = None) -> List[str]:
+    """LoRA's default ``target_modules`` for ``model`` (the query and value projections), in
+    the naming scheme the model uses; ``model`` may also be a model_type name, with ``scheme``
+    ("5.x" / "4.x") then required."""
+    model_type = _model_type(model) if isinstance(model, nn.Module) else model
+    if scheme is None and not isinstance(model, nn.Module):
+        raise ValueError("lora_target_modules: a model_type name needs scheme='5.x' or '4.x'")
+    if model_type not in LORA_TARGET_MODULES:
+        raise ValueError(f"method='lora': no default target_modules for model_type={model_type!r}; "
+                         f"known: {sorted(LORA_TARGET_MODULES)}. Set target_modules")
+    table = LORA_TARGET_MODULES[model_type]
+    if scheme is not None:
+        if scheme not in table:
+            raise ValueError(f"unknown naming scheme {scheme!r}; expected one of {sorted(table)}")
+        return list(table[scheme])
+    names = {n.rsplit(".", 1)[-1] for n in linear_names(model)}
+    for targets in table.values():
+        if set(targets) <= names:
+            return list(targets)
+    raise ValueError(f"method='lora': cannot find the query/value projections of this "
+                     f"model_type={model_type!r} model under either naming scheme ({table}); "
+                     "set target_modules")

@@ -105,18 +105,12 @@ def build_train_model(name: str, size: str):
     if name == "lora_r8_qv":
         from peft import LoraConfig, get_peft_model
 
-        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
-                         modules_to_save=["classifier"])
+        from consolidator_hf.targets import head_module_name, lora_target_modules
+
+        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=lora_target_modules(base),
+                         modules_to_save=[head_module_name(base)])
         return get_peft_model(base, cfg)
     raise ValueError(f"unknown configuration {name!r}")
-
-
-def peft_available() -> bool:
-    try:
-        import peft  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ---------------------------------------------------------------------- memory
@@ -554,6 +548,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
 
     configs = ["floor"] + [c for c in args.configs if c != "floor"]
     notes = []
+    from consolidator_hf.training import peft_available
+
     if "lora_r8_qv" in configs and not peft_available():
         configs.remove("lora_r8_qv")
         notes.append("peft is not installed: LoRA skipped")

@@ -10,7 +10,7 @@
 
 Every flag mirrors a field of ``consolidator_hf.training.FinetuneConfig``; ``--config`` reads
 fields from YAML, and flags given on the command line override it. With no ``--task`` and no
-``--config`` the script runs the offline default (``consolidator_hf.offline_default``): a small
+``--config`` the script runs the offline default (``consolidator_apps.offline_default``): a small
 ViT pretrained on scikit-learn's digits 0-4, adapted to digits 5-9 with Consolidator and with
 the head only.
 """
@@ -26,32 +26,10 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from consolidator_hf.offline_default import OfflineDefaultConfig, run_offline_default
-from consolidator_hf.training import METHODS, PREPROCESS, RECIPES, FinetuneConfig, run_finetune
+from consolidator_apps.offline_default import OfflineDefaultConfig, run_offline_default
+from consolidator_hf import ConsolidatorConfig
+from consolidator_hf.training import FinetuneConfig, run_finetune
 
-_HELP = {
-    "model": "backbone: a folder or Hub id (e.g. google/vit-base-patch16-224-in21k)",
-    "task": "VTAB-1k task (training or folder name) under --data-dir",
-    "data_dir": "the vtab-1k folder (<data-dir>/<task>/{train800,val200,train800val200,test}.txt)",
-    "num_classes": "class count, for tasks that are not in the VTAB-1k registry",
-    "method": f"what trains: {', '.join(METHODS)}",
-    "groups": "Consolidator group count per branch (one branch per value)",
-    "preprocess": f"{' | '.join(PREPROCESS)}: the backbone's image processor, or the paper's "
-                  "bicubic resize + ImageNet mean/std",
-    "recipe": f"{' | '.join(RECIPES)}: 'paper' fills the options you do not give from the "
-              "paper's per-task recipe",
-    "backbone": "which paper recipe set: vit_b16_in21k or mocov3_vit_b16",
-    "resume_from_checkpoint": "a checkpoint folder, or 'last' for the newest under "
-                              "<output-dir>/checkpoints",
-    "use_cpu": "train on the CPU (needed for multi-process CPU runs: accelerate launch "
-               "--multi_gpu --num_processes 2 ... --use-cpu)",
-    "warmup_epochs": "linear warmup length in epochs (converted to steps)",
-    "max_steps": "stop after this many optimizer steps (overrides the epochs)",
-    "qkv_grouping": "separate | fused: group q, k, v as one fused qkv layer, as the paper's timm ViT",
-    "backbone_drop_path": "stochastic depth on the backbone's residual branches (paper: 0.1)",
-    "consolidator_kwargs": "more ConsolidatorConfig fields as a JSON object, e.g. "
-                           "'{\"init_range\": 0.01}'",
-}
 # Hidden: sizes of the offline default (tests and quick looks), and the YAML key for `--config`.
 _OFFLINE_PREFIX = "offline_"
 
@@ -70,28 +48,40 @@ def _json_object(text: str) -> Dict[str, Any]:
     return value
 
 
+def _default_text(f: dataclasses.Field) -> str:
+    """The default shown in --help (an adapter view's is ConsolidatorConfig's)."""
+    if f.metadata.get("adapter"):
+        default = getattr(ConsolidatorConfig(), f.name)
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return ""
+    else:
+        default = f.default
+    if isinstance(default, tuple):
+        default = " ".join(map(str, default))
+    return f" (default: {default})"
+
+
 def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hidden: bool = False,
                prefix: str = "") -> None:
+    """One flag per config field: type, choices and help from the field and its metadata."""
+    if f.name == "consolidator" and not prefix:  # the nested config: its other fields as JSON
+        parser.add_argument("--consolidator-kwargs", dest="consolidator_kwargs", metavar="JSON",
+                            type=_json_object, default=argparse.SUPPRESS, help=f.metadata["help"])
+        return
     flag = "--" + (prefix + f.name).replace("_", "-")
-    tp = _base_type(typing.get_type_hints(FinetuneConfig).get(f.name)
-                    if not prefix else typing.get_type_hints(OfflineDefaultConfig)[f.name])
-    help_text = argparse.SUPPRESS if hidden else _HELP.get(f.name, f"(default: {f.default!r})")
+    hints = typing.get_type_hints(OfflineDefaultConfig if prefix else FinetuneConfig)
+    tp = _base_type(hints[f.name])
+    help_text = (argparse.SUPPRESS if hidden else
+                 f.metadata.get("help", "") + _default_text(f))
     dest = prefix + f.name
+    kwargs: Dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=help_text)
     if tp is bool:
-        parser.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction,
-                            default=argparse.SUPPRESS, help=help_text)
-    elif tp is dict:
-        parser.add_argument(flag, dest=dest, type=_json_object, default=argparse.SUPPRESS,
-                            help=help_text)
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
     elif tp in (tuple, list):
         inner = int if f.name == "groups" else str
-        parser.add_argument(flag, dest=dest, nargs="+", type=inner, default=argparse.SUPPRESS,
-                            help=help_text)
+        parser.add_argument(flag, nargs="+", type=inner, **kwargs)
     else:
-        choices = {"method": METHODS, "preprocess": PREPROCESS, "recipe": RECIPES,
-                   "save_strategy": ("no", "epoch", "steps")}.get(f.name) if not prefix else None
-        parser.add_argument(flag, dest=dest, type=tp, default=argparse.SUPPRESS, help=help_text,
-                            choices=choices)
+        parser.add_argument(flag, type=tp, choices=f.metadata.get("choices"), **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -23,14 +23,14 @@ from datetime import datetime, timezone
 
 import torch
 
-from consolidator_hf.mini_vtab import (
+from consolidator_apps.mini_vtab import (
     PretrainConfig,
     ensure_backbone,
     generate_task,
     read_pretrain_info,
     task_names,
 )
-from consolidator_hf.mini_vtab.benchmark import (
+from consolidator_apps.mini_vtab.benchmark import (
     BenchmarkConfig,
     default_methods,
     machine_description,
@@ -38,7 +38,7 @@ from consolidator_hf.mini_vtab.benchmark import (
     run_benchmark,
     write_report,
 )
-from consolidator_hf.mini_vtab.tasks import GENERATOR_VERSION
+from consolidator_apps.mini_vtab.tasks import GENERATOR_VERSION
 
 QUICK_TASK = "digits"  # needs scikit-learn only, no Fashion-MNIST
 

@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import json
 
-from consolidator_hf.mini_vtab.backbone import PretrainConfig, default_backbone_dir, ensure_backbone
+from consolidator_apps.mini_vtab.backbone import PretrainConfig, default_backbone_dir, ensure_backbone
 
 
 def main(argv=None) -> None:

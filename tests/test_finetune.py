@@ -10,7 +10,7 @@ import sys
 import pytest
 from transformers import ViTForImageClassification, ViTModel
 
-from consolidator_hf.offline_default import (
+from consolidator_apps.offline_default import (
     SOURCE_TASK,
     TARGET_TASK,
     OfflineDefaultConfig,

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from consolidator_hf.mini_vtab import (
+from consolidator_apps.mini_vtab import (
     PretrainConfig,
     ensure_backbone,
     generate_task,
@@ -26,7 +26,7 @@ from consolidator_hf.mini_vtab import (
     read_idx,
     task_names,
 )
-from consolidator_hf.mini_vtab.sources import export_fashion_mnist_idx, write_idx
+from consolidator_apps.mini_vtab.sources import export_fashion_mnist_idx, write_idx
 
 FASHION_TASKS = [n for n in task_names() if get_task(n).source == "fashion_mnist"]
 
@@ -267,7 +267,7 @@ def test_pretrain_config_is_validated():
 
 # ----------------------------------------------------------------------------- benchmark
 def test_summary_aggregates_like_vtab():
-    from consolidator_hf.mini_vtab.benchmark import markdown_table, summarize
+    from consolidator_apps.mini_vtab.benchmark import markdown_table, summarize
 
     rows = []
     # digits (natural) 0.80 / 0.90, count (structured) 0.50 / 0.70, rotation (structured) 0.30 / 0.30
@@ -290,7 +290,7 @@ def test_summary_aggregates_like_vtab():
 
 
 def test_default_methods_grids():
-    from consolidator_hf.mini_vtab.benchmark import default_methods, quick_methods
+    from consolidator_apps.mini_vtab.benchmark import default_methods, quick_methods
 
     methods = default_methods(96)
     assert [m.label for m in methods] == ["linear", "bitfit", "lora", "full",

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 GROUPS: Tuple[str, ...] = ("natural", "specialized", "structured")
 BACKBONES: Tuple[str, ...] = ("vit_b16_in21k", "mocov3_vit_b16")
@@ -75,14 +75,3 @@ def shared_recipe() -> Dict[str, Any]:
 def paper_results() -> Dict[str, float]:
     """The paper's per-task top-1 accuracies (ViT-B/16 IN-21k)."""
     return {t.name: t.paper_top1 for t in tasks()}
-
-
-def find_task_folder(data_dir: str, name: str) -> Optional[str]:
-    """The existing folder of a task under ``data_dir`` (either spelling), or ``None``."""
-    import os
-
-    for folder in get_task(name).folder_names:
-        path = os.path.join(data_dir, folder)
-        if os.path.isdir(path):
-            return path
-    return None

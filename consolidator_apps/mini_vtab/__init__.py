@@ -30,7 +30,6 @@ from .tasks import (
     generate_task,
     generate_tasks,
     get_task,
-    read_task_info,
     task_names,
 )
 
@@ -54,7 +53,6 @@ __all__ = [
     "pretrain_backbone",
     "read_idx",
     "read_pretrain_info",
-    "read_task_info",
     "run_benchmark",
     "summarize",
     "task_names",

@@ -2,7 +2,8 @@
 
 1. **Source task.** scikit-learn's digits 0-4 (8x8, upscaled to 32x32) written in the VTAB-1k
    on-disk format; a small ViT is pretrained on it from scratch with the same Trainer pipeline
-   (``method="full"``). The backbone is cached as a standard Hugging Face folder
+   (``method="full"``, :func:`consolidator_apps.pretraining.pretrain_from_scratch`, which
+   mini-VTAB's backbone uses too). The backbone is cached as a standard Hugging Face folder
    (``ViTModel``: ``config.json``, ``model.safetensors``, ``preprocessor_config.json``, plus
    ``training_curve.json``), so a second run reuses it.
 2. **Target task.** The digits 5-9 (relabelled 0-4), an unseen task, in the same format with
@@ -24,9 +25,11 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from ._io import atomic_write_text, cache_dir
-from .data.writer import write_vtab_task
-from .training import FinetuneConfig, run_finetune
+from consolidator_hf._io import atomic_write_text, cache_dir
+from consolidator_hf.data import write_vtab_task
+from consolidator_hf.training import FinetuneConfig, run_finetune
+
+from .pretraining import is_main_process, pretrain_from_scratch, wait_for_everyone
 
 SOURCE_TASK = "digits_0to4"
 TARGET_TASK = "digits_5to9"
@@ -138,52 +141,38 @@ def backbone_name(cfg: OfflineDefaultConfig) -> str:
             f"-lr{cfg.source_learning_rate:g}-b{cfg.batch_size}-seed{cfg.seed}{cap}-d{DATA_VERSION}")
 
 
-def _init_model_folder(path: str, cfg: OfflineDefaultConfig) -> None:
-    """A randomly initialised ViT classifier + its image processor, as a from_pretrained folder."""
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
-
-    torch.manual_seed(cfg.seed)
-    config = ViTConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
-                       num_attention_heads=cfg.num_attention_heads,
-                       intermediate_size=cfg.intermediate_size, image_size=cfg.image_size,
-                       patch_size=cfg.patch_size, num_labels=len(SOURCE_CLASSES))
-    ViTForImageClassification(config).save_pretrained(path)
-    ViTImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size},
-                      image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
-
-
 def pretrain_backbone(data_dir: str, cfg: OfflineDefaultConfig, cache_dir: str) -> Tuple[str, bool]:
     """The cached source-pretrained backbone folder (pretrained now if missing); returns
     ``(folder, reused)``. Only the main process writes the cache."""
-    from transformers import ViTForImageClassification
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
     final = os.path.join(cache_dir, backbone_name(cfg))
     if os.path.isfile(os.path.join(final, "model.safetensors")):
         return final, True
+
     work = os.path.join(cfg.output_dir, "pretrain")
-    init = os.path.join(work, "init")
-    if _is_main_process():
-        _init_model_folder(init, cfg)
-    _wait_for_everyone()
-    source = FinetuneConfig(
-        model=init, task=SOURCE_TASK, data_dir=data_dir, num_classes=len(SOURCE_CLASSES),
-        train_split="train800val200", eval_split="test", method="full",
-        learning_rate=cfg.source_learning_rate, weight_decay=0.05,
-        num_train_epochs=cfg.source_epochs, warmup_epochs=min(2.0, cfg.source_epochs / 4),
-        batch_size=cfg.batch_size, seed=cfg.seed, preprocess="processor",
-        output_dir=os.path.join(work, "run"), save_strategy="no", use_cpu=cfg.use_cpu,
-        logging_steps=cfg.logging_steps)
+    config = ViTConfig(hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+                       num_attention_heads=cfg.num_attention_heads,
+                       intermediate_size=cfg.intermediate_size, image_size=cfg.image_size,
+                       patch_size=cfg.patch_size, num_labels=len(SOURCE_CLASSES))
+    processor = ViTImageProcessor(size={"height": cfg.image_size, "width": cfg.image_size},
+                                  image_mean=[0.5] * 3, image_std=[0.5] * 3)
     print(f"== pretraining the backbone on {SOURCE_TASK} (cached afterwards in {final})", flush=True)
-    metrics = run_finetune(source)
-    if _is_main_process():
+    result = pretrain_from_scratch(
+        config, processor, data_dir=data_dir, task=SOURCE_TASK, num_classes=len(SOURCE_CLASSES),
+        work_dir=work, train_split="train800val200", eval_split="test",
+        epochs=cfg.source_epochs, learning_rate=cfg.source_learning_rate, weight_decay=0.05,
+        warmup_epochs=min(2.0, cfg.source_epochs / 4), batch_size=cfg.batch_size, seed=cfg.seed,
+        use_cpu=cfg.use_cpu, logging_steps=cfg.logging_steps)
+    metrics = result.metrics
+    if is_main_process():
         tmp = f"{final}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
-        trained = ViTForImageClassification.from_pretrained(os.path.join(work, "run", "merged"))
+        trained = ViTForImageClassification.from_pretrained(result.model_dir)
         # Saved without the head: a backbone folder like google/vit-base-patch16-224-in21k,
         # so the target task always starts from a fresh classifier.
         trained.vit.save_pretrained(tmp)
-        shutil.copy(os.path.join(work, "run", "merged", "preprocessor_config.json"), tmp)
+        shutil.copy(os.path.join(result.model_dir, "preprocessor_config.json"), tmp)
         curve = {"source_task": SOURCE_TASK, "source_test_accuracy": metrics["accuracy"],
                  "loss_history": metrics["loss_history"], "epochs": metrics["epochs"],
                  "train_runtime_s": metrics["train_runtime_s"],
@@ -195,20 +184,8 @@ def pretrain_backbone(data_dir: str, cfg: OfflineDefaultConfig, cache_dir: str) 
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, final)
-    _wait_for_everyone()
+    wait_for_everyone()
     return final, False
-
-
-def _is_main_process() -> bool:
-    from accelerate import PartialState
-
-    return PartialState().is_main_process
-
-
-def _wait_for_everyone() -> None:
-    from accelerate import PartialState
-
-    PartialState().wait_for_everyone()
 
 
 # ---------------------------------------------------------------------- the run
@@ -219,10 +196,10 @@ def run_offline_default(cfg: Optional[OfflineDefaultConfig] = None) -> Dict[str,
     start = time.perf_counter()
     cache_dir = cfg.cache_dir or default_cache_dir()
     data_dir = os.path.join(cfg.output_dir, "vtab-digits")
-    if _is_main_process():
+    if is_main_process():
         sizes = write_digit_tasks(data_dir, cfg)
-    _wait_for_everyone()
-    if not _is_main_process():
+    wait_for_everyone()
+    if not is_main_process():
         sizes = {}
     backbone, reused = pretrain_backbone(data_dir, cfg, cache_dir)
     with open(os.path.join(backbone, "training_curve.json"), encoding="utf-8") as f:
@@ -259,7 +236,7 @@ def run_offline_default(cfg: Optional[OfflineDefaultConfig] = None) -> Dict[str,
                     for k, v in results.items()},
         "total_runtime_s": round(elapsed, 1), "config": _as_dict(cfg),
     }
-    if _is_main_process():
+    if is_main_process():
         atomic_write_text(os.path.join(cfg.output_dir, "summary.json"),
                           json.dumps(summary, indent=2) + "\n")
         print(format_summary(summary), flush=True)

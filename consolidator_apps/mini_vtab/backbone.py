@@ -8,6 +8,13 @@ that loads with ``ViTForImageClassification.from_pretrained`` without this packa
 (``training_curve.json``, ``training_curve.png``). :func:`ensure_backbone` reuses a folder
 whose ``pretrain.json`` records the same settings, so later runs do not train again.
 
+It pretrains through the same Trainer path as the offline default
+(:func:`consolidator_apps.pretraining.pretrain_from_scratch`: ``run_finetune(method="full")``
+on the source images written in the VTAB-1k format). Up to commit e67fbcd it pretrained with
+a hand-written loop (random 2-pixel shifts and flips, no decay on embeddings); the committed
+results in ``docs/mini_vtab/`` come from that backbone. :data:`PRETRAIN_VERSION` is part of the
+settings, so a backbone cached by the old code is never reused.
+
 The source task is classification of the Fashion-MNIST *training* set (60,000 images; 5,000 held
 out for the validation curve); mini-VTAB's Fashion-MNIST tasks draw from the *test* set only.
 """
@@ -17,18 +24,20 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from .._io import atomic_dir, cache_dir
+from consolidator_hf._io import atomic_dir, cache_dir
+from consolidator_hf.data.writer import write_vtab_task
+
+from ..pretraining import pretrain_from_scratch
 from .sources import FASHION_MNIST_CLASSES, load_fashion_mnist
 
 PRETRAIN_INFO = "pretrain.json"
@@ -36,6 +45,10 @@ CURVE_JSON = "training_curve.json"
 CURVE_PNG = "training_curve.png"
 # Pixel normalisation of the backbone (and of its saved ViTImageProcessor): x/255, then (x-0.5)/0.5.
 MEAN = STD = 0.5
+# Bumped when the pretraining itself changes (2: the shared Trainer path instead of the
+# hand-written loop), so that a cached backbone of other code is not reused.
+PRETRAIN_VERSION = 2
+SOURCE_TASK = "fashion_mnist_source"
 
 
 @dataclass
@@ -76,7 +89,7 @@ class PretrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def to_dict(self) -> Dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "pretrain_version": PRETRAIN_VERSION}
 
     def fingerprint(self) -> str:
         """A short hash of the settings (names the default cache folder)."""
@@ -94,51 +107,16 @@ def default_backbone_dir(cfg: Optional[PretrainConfig] = None) -> str:
     return os.path.join(default_cache_dir(), f"backbone-{cfg.fingerprint()}")
 
 
-def to_pixel_values(images: torch.Tensor) -> torch.Tensor:
-    """uint8 grey ``(N, H, W)`` or RGB ``(N, H, W, 3)`` -> normalised float ``(N, 3, H, W)``."""
-    x = images.float().div(255.0)
-    x = x.unsqueeze(1).expand(-1, 3, -1, -1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    return (x - MEAN) / STD
+def _vit_config(cfg: PretrainConfig):
+    from transformers import ViTConfig
 
-
-def _augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """28x28 uint8 items -> 32x32 views shifted by up to 2 px each way and flipped half the time."""
-    n = batch.shape[0]
-    padded = F.pad(batch, (4, 4, 4, 4))  # 36x36; the centred crop is the standard 32x32 view
-    offs = torch.randint(0, 5, (n, 2), generator=gen)
-    flips = torch.rand(n, generator=gen) < 0.5
-    out = torch.empty(n, 32, 32, dtype=batch.dtype)
-    for i in range(n):
-        crop = padded[i, offs[i, 0]:offs[i, 0] + 32, offs[i, 1]:offs[i, 1] + 32]
-        out[i] = crop.flip(-1) if flips[i] else crop
-    return out
-
-
-def _build_model(cfg: PretrainConfig):
-    from transformers import ViTConfig, ViTForImageClassification
-
-    config = ViTConfig(
+    return ViTConfig(
         hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
         num_attention_heads=cfg.num_attention_heads, intermediate_size=cfg.intermediate_size,
         image_size=cfg.image_size, patch_size=cfg.patch_size, num_channels=3,
         hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=10,
         id2label={i: n for i, n in enumerate(FASHION_MNIST_CLASSES)},
         label2id={n: i for i, n in enumerate(FASHION_MNIST_CLASSES)})
-    return ViTForImageClassification(config)
-
-
-@torch.no_grad()
-def _evaluate(model, images: torch.Tensor, labels: torch.Tensor, batch: int = 1000) -> Tuple[float, float]:
-    model.eval()
-    correct, loss = 0, 0.0
-    for i in range(0, len(images), batch):
-        x = to_pixel_values(F.pad(images[i:i + batch], (2, 2, 2, 2)))
-        logits = model(pixel_values=x).logits
-        y = labels[i:i + batch]
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(-1) == y).sum().item()
-    model.train()
-    return correct / len(images), loss / len(images)
 
 
 def _plot_curve(curve: Dict[str, Any], path: str) -> None:
@@ -190,9 +168,14 @@ def pretrain_backbone(output_dir: str, cfg: Optional[PretrainConfig] = None, *,
         torch.set_num_threads(previous)
 
 
+def _canvas(images: np.ndarray) -> np.ndarray:
+    """28x28 uint8 items centred on a black 32x32 canvas (the backbone's input)."""
+    return np.pad(images, ((0, 0), (2, 2), (2, 2)))
+
+
 def _pretrain(output_dir: str, cfg: PretrainConfig, fashion_dir: Optional[str],
               verbose: bool) -> Dict[str, Any]:
-    from transformers import ViTImageProcessor, get_cosine_schedule_with_warmup
+    from transformers import ViTForImageClassification, ViTImageProcessor
 
     t_start = time.perf_counter()
     images, labels = load_fashion_mnist("train", fashion_dir)
@@ -205,55 +188,49 @@ def _pretrain(output_dir: str, cfg: PretrainConfig, fashion_dir: Optional[str],
     val_idx, train_idx = perm[:cfg.val_samples], perm[cfg.val_samples:]
     if cfg.max_train_samples is not None:
         train_idx = train_idx[:cfg.max_train_samples]
-    x_train, y_train = torch.from_numpy(images[train_idx]), torch.from_numpy(labels[train_idx])
-    x_val, y_val = torch.from_numpy(images[val_idx]), torch.from_numpy(labels[val_idx])
-
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    model = _build_model(cfg)
-    model.train()
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
-    total = steps_per_epoch * cfg.epochs
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embeddings" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embeddings" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learning_rate)
-    sched = get_cosine_schedule_with_warmup(opt, int(cfg.warmup_fraction * total), total)
-
-    curve: Dict[str, Any] = {"log_steps": [], "train_loss": [], "eval": []}
-    window: List[float] = []
-    step = 0
-    for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(len(x_train), generator=gen)
-        for b in range(steps_per_epoch):
-            idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-            x = to_pixel_values(_augment(x_train[idx], gen))
-            loss = model(pixel_values=x, labels=y_train[idx]).loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            step += 1
-            window.append(loss.item())
-            if step % cfg.log_every == 0 or step == total:
-                curve["log_steps"].append(step)
-                curve["train_loss"].append(float(np.mean(window)))
-                window = []
-        acc, vloss = _evaluate(model, x_val, y_val)
-        elapsed = time.perf_counter() - t_start
-        curve["eval"].append({"epoch": epoch, "step": step, "val_accuracy": acc, "val_loss": vloss,
-                              "elapsed_s": elapsed})
+    processor = ViTImageProcessor(do_resize=True, size={"height": cfg.image_size, "width": cfg.image_size},
+                                  resample=3, do_rescale=True, rescale_factor=1 / 255,
+                                  do_normalize=True, image_mean=[MEAN] * 3, image_std=[STD] * 3)
+    work = f"{os.path.abspath(output_dir).rstrip(os.sep)}.pretrain-{os.getpid()}"
+    try:
+        # The source task in the VTAB-1k format: train800 = the training images, val200 = the
+        # held-out ones (the names are the format's; the sizes are the config's).
+        data_dir = os.path.join(work, "data")
+        write_vtab_task(data_dir, SOURCE_TASK, {
+            "train800": (list(_canvas(images[train_idx])), [int(y) for y in labels[train_idx]]),
+            "val200": (list(_canvas(images[val_idx])), [int(y) for y in labels[val_idx]])})
         if verbose:
-            print(f"epoch {epoch}/{cfg.epochs}  step {step}  train loss {curve['train_loss'][-1]:.4f}  "
-                  f"val acc {acc:.4f}  ({elapsed:.0f} s)", flush=True)
-
-    model.eval()
+            print(f"wrote the source task ({len(train_idx)} + {len(val_idx)} images) in "
+                  f"{time.perf_counter() - t_start:.0f} s; pretraining", flush=True)
+        result = pretrain_from_scratch(
+            _vit_config(cfg), processor, data_dir=data_dir, task=SOURCE_TASK,
+            num_classes=len(FASHION_MNIST_CLASSES), work_dir=work, train_split="train800",
+            eval_split="val200", epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay, warmup_epochs=cfg.warmup_fraction * cfg.epochs,
+            batch_size=cfg.batch_size, seed=cfg.seed, logging_steps=cfg.log_every,
+            eval_every_epoch=True)
+        model = ViTForImageClassification.from_pretrained(result.model_dir).eval()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    # the Trainer's ClassLabel names are "0".."9": give the saved model the class names back
+    model.config.id2label = {i: n for i, n in enumerate(FASHION_MNIST_CLASSES)}
+    model.config.label2id = {n: i for i, n in enumerate(FASHION_MNIST_CLASSES)}
+    metrics = result.metrics
+    if verbose:
+        for e in result.evals:
+            print(f"epoch {e['epoch']}/{cfg.epochs}  step {e['step']}  val acc "
+                  f"{e['val_accuracy']:.4f}  ({e['elapsed_s']:.0f} s)", flush=True)
+    curve: Dict[str, Any] = {"log_steps": [int(s) for s, _ in metrics["loss_history"]],
+                             "train_loss": [float(l) for _, l in metrics["loss_history"]],
+                             "eval": result.evals}
     info = {
         "config": cfg.to_dict(),
         "source": "Fashion-MNIST train split (idx files)",
-        "train_images": int(len(x_train)), "val_images": int(len(x_val)),
-        "val_accuracy": curve["eval"][-1]["val_accuracy"],
+        "pretraining": "consolidator_apps.pretraining.pretrain_from_scratch "
+                       "(run_finetune, method='full')",
+        "train_images": int(metrics["num_train_examples"]),
+        "val_images": int(metrics["num_eval_examples"]),
+        "val_accuracy": float(metrics["accuracy"]),
         "num_parameters": int(sum(p.numel() for p in model.parameters())),
         "train_time_s": round(time.perf_counter() - t_start, 1),
         "torch_threads": torch.get_num_threads(),
@@ -262,9 +239,6 @@ def _pretrain(output_dir: str, cfg: PretrainConfig, fashion_dir: Optional[str],
                      "transformers": __import__("transformers").__version__},
     }
     curve["train_time_s"] = info["train_time_s"]
-    processor = ViTImageProcessor(do_resize=True, size={"height": cfg.image_size, "width": cfg.image_size},
-                                  resample=3, do_rescale=True, rescale_factor=1 / 255,
-                                  do_normalize=True, image_mean=[MEAN] * 3, image_std=[STD] * 3)
 
     with atomic_dir(output_dir) as tmp:
         model.save_pretrained(tmp)

@@ -33,7 +33,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image
 
-from ..data.writer import JPEG_QUALITY, write_vtab_task
+from consolidator_hf.data.writer import JPEG_QUALITY, write_vtab_task
 from .sources import FASHION_MNIST_CLASSES, load_digits_images, load_fashion_mnist
 
 IMAGE_SIZE = 32
@@ -320,13 +320,3 @@ def generate_tasks(data_dir: str, names: Optional[Sequence[str]] = None, *, seed
     sources = Sources(fashion_dir)
     return {n: generate_task(n, data_dir, seed=seed, test_size=test_size, sources=sources)
             for n in (names or task_names())}
-
-
-def read_task_info(data_dir: str, name: str) -> Dict[str, object]:
-    """The ``task.json`` of a generated task (``FileNotFoundError`` naming the file if absent)."""
-    path = os.path.join(data_dir, name, "task.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (generate the task with "
-                                f"scripts/mini_vtab.py or consolidator_hf.mini_vtab.generate_tasks)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from .._io import atomic_path, atomic_write_text
+from consolidator_hf._io import atomic_path, atomic_write_text
 from .tasks import get_task
 
 GROUP_ORDER = ("natural", "specialized", "structured")
@@ -80,12 +80,6 @@ def quick_methods(methods: Sequence[MethodSpec]) -> List[MethodSpec]:
                        m.drop_rates[:1]) for m in methods]
 
 
-def peft_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("peft") is not None
-
-
 @dataclass
 class BenchmarkConfig:
     """What to run; ``train_kwargs`` go to every ``FinetuneConfig`` (epochs, batch size...)."""
@@ -113,7 +107,7 @@ def _finetune(cfg: BenchmarkConfig, task: str, spec: MethodSpec, point: Dict[str
               log: Callable[[str], None]) -> Dict[str, Any]:
     """One ``run_finetune`` call; reuses ``out/metrics.json`` when a previous run finished with
     exactly the same settings (anything else is trained again)."""
-    from ..training import FinetuneConfig, apply_recipe, run_finetune
+    from consolidator_hf.training import FinetuneConfig, apply_recipe, run_finetune
 
     fields = dict(cfg.train_kwargs)
     fields.update(spec.fixed)
@@ -188,6 +182,8 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print, *,
     ``threads_per_job`` torch threads each: on a small CPU, two one-thread processes get more
     done than one two-thread process (the matrices of a small ViT parallelise poorly).
     """
+    from consolidator_hf.training import peft_available
+
     skipped: List[str] = []
     methods = list(cfg.methods)
     if any(m.method == "lora" for m in methods) and not peft_available():
