@@ -143,3 +143,9 @@ def residual_branches(model: nn.Module) -> List[List[nn.Module]]:
         f"model_type={model_type!r}: found no blocks with residual branches under either naming "
         f"scheme ({RESIDUAL_BRANCHES[model_type]})"
     )
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a LayerNorm: ``nn.LayerNorm``, a subclass, or a look-alike whose
+    class name ends in ``LayerNorm`` (e.g. Dinov2's); what ``train_layernorm`` trains."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")
