@@ -79,14 +79,13 @@ class LinearWeights:
     branches: List[Tuple[int, torch.Tensor, Optional[torch.Tensor]]] = field(default_factory=list)
 
     def merged(self, shuffle: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-        """``(W0 + sum_k D_k, b0 + sum_k c_k)`` in fp32 (DESIGN.md section 1)."""
-        w = self.weight.float().clone()
-        b = self.bias.float().clone()
-        for g, bw, bb in self.branches:
-            w += grouped.grouped_to_dense(bw.float(), w.shape[1], g, shuffle)
-            if bb is not None:
-                b += bb.float()
-        return w, b
+        """``(W0 + sum_k D_k, b0 + sum_k c_k)`` in fp32: :func:`grouped.merged_linear`."""
+        in_features = self.weight.shape[1]
+        return grouped.merged_linear(
+            self.weight, self.bias,
+            [grouped.grouped_to_dense(bw.float(), in_features, g, shuffle)
+             for g, bw, _ in self.branches],
+            [bb for _, _, bb in self.branches])
 
 
 @dataclass

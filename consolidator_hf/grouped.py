@@ -20,11 +20,11 @@ Conventions used by every function here (DESIGN.md section 1):
   shuffled branch is ``D[:, i*s + j] = B[:, j*g + i]``.
 * **Row slices of a virtual layer.** A layer may own only the rows
   ``[row_offset, row_offset + out)`` of a larger *virtual* layer of
-  ``virtual_out`` rows (this is how one grouped qkv layer of ``3D x D`` is spread
+  ``virtual_out_features`` rows (this is how one grouped qkv layer of ``3D x D`` is spread
   over separate q, k and v projections). Grouping is then defined on the virtual
   layer: row ``o`` of this layer is virtual row ``row_offset + o``, in group
-  ``(row_offset + o) // (virtual_out/g)``. With ``row_offset=0`` and
-  ``virtual_out=out`` this is the plain case above.
+  ``(row_offset + o) // (virtual_out_features/g)``. With ``row_offset=0`` and
+  ``virtual_out_features=out`` this is the plain case above.
 * **Drop.** In training each sample keeps branch k with probability ``1 - p``
   (independently per branch) and a kept branch is scaled by ``1/(1 - p)``.
 * **Merge.** ``W = W0 + sum_k D_k``, ``b = b0 + sum_k c_k``.
@@ -38,12 +38,16 @@ It is a bijection between a branch's parameters and its support.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from functools import lru_cache
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 __all__ = [
+    "Geometry",
+    "merged_linear",
     "check_groups",
     "shuffle_permutation",
     "channel_shuffle",
@@ -64,13 +68,73 @@ __all__ = [
 ]
 
 
+class Geometry(NamedTuple):
+    """Where a branch sits: its group count, whether it shuffles its input, and the rows
+    ``[row_offset, row_offset + out)`` it owns of a ``virtual_out_features``-row virtual layer
+    (``None``: the layer itself). The field names are the keyword names of every function
+    here, so ``f(..., **geometry._asdict())`` passes them all."""
+
+    groups: int
+    channel_shuffle: bool = False
+    row_offset: int = 0
+    virtual_out_features: Optional[int] = None
+
+
+def _accepts_virtual_out(fn):
+    """Accept the pre-0.x keyword ``virtual_out=`` for ``virtual_out_features=`` (deprecated)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "virtual_out" in kwargs:
+            warnings.warn(f"grouped.{fn.__name__}: 'virtual_out' is deprecated, use "
+                          "'virtual_out_features'", DeprecationWarning, stacklevel=2)
+            kwargs["virtual_out_features"] = kwargs.pop("virtual_out")
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def merged_linear(
+    w0: torch.Tensor, b0: Optional[torch.Tensor], weight_deltas: Sequence[torch.Tensor],
+    bias_deltas: Sequence[Optional[torch.Tensor]], *, scale: float = 1.0,
+    positions: Optional[Sequence[Optional[torch.Tensor]]] = None,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The merge formula, the one place it is written: ``(W0 + scale * sum_k D_k,
+    b0 + scale * sum_k c_k)``, summed in fp32 and returned in fp32 (callers cast once, so a
+    low-precision model merges without drift).
+
+    ``w0`` and every ``D_k`` have one shape (dense ``(out, in)`` matrices, or ``W0`` read on
+    a support); ``positions[k]``, when given and not ``None``, says ``D_k`` holds only the
+    entries at those flat indices of ``w0`` (the fast path patches ``W0`` on the union of the
+    supports this way). ``b0`` may be ``None``; the bias is ``None`` only when ``b0`` is
+    ``None`` and no branch has a bias.
+    """
+    w = w0.float()
+    for k, d in enumerate(weight_deltas):
+        pos = positions[k] if positions is not None else None
+        if pos is None:
+            w = torch.add(w, d.float().reshape(w.shape), alpha=scale)
+        else:
+            w = w.reshape(-1).index_add(0, pos, d.float().reshape(-1), alpha=scale).view(w.shape)
+    biases = [c for c in bias_deltas if c is not None]
+    if b0 is None and not biases:
+        return w, None
+    b = b0.float() if b0 is not None else torch.zeros(w0.shape[0] if w0.dim() == 2 else
+                                                      biases[0].shape[0],
+                                                      dtype=torch.float32, device=w0.device)
+    for c in biases:
+        b = torch.add(b, c.float(), alpha=scale)
+    return w, b
+
+
+@_accepts_virtual_out
 def check_groups(
     in_features: int,
     out_features: int,
     groups: int,
     *,
     row_offset: int = 0,
-    virtual_out: Optional[int] = None,
+    virtual_out_features: Optional[int] = None,
     name: str = "layer",
 ) -> None:
     """Raise ``ValueError`` naming the layer, its shape and the group if ``groups`` is unusable.
@@ -78,7 +142,7 @@ def check_groups(
     A group count must divide ``in`` and the (virtual) ``out``; a row slice must lie inside
     its virtual layer.
     """
-    vout = out_features if virtual_out is None else virtual_out
+    vout = out_features if virtual_out_features is None else virtual_out_features
     shape = f"(out={out_features}, in={in_features})"
     if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
         raise ValueError(f"{name} {shape}: group count must be a positive int, got {groups!r}")
@@ -87,7 +151,7 @@ def check_groups(
             f"{name} {shape}: groups={groups} does not divide in_features={in_features}"
         )
     if vout % groups:
-        what = "out_features" if virtual_out is None else "virtual out_features"
+        what = "out_features" if virtual_out_features is None else "virtual out_features"
         raise ValueError(f"{name} {shape}: groups={groups} does not divide {what}={vout}")
     if row_offset < 0 or row_offset + out_features > vout:
         raise ValueError(
@@ -108,24 +172,30 @@ def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.unflatten(-1, (groups, n // groups)).transpose(-1, -2).reshape(x.shape)
 
 
+# Functions below take a ``channel_shuffle`` flag, which shadows the function inside them.
+_shuffle_channels = channel_shuffle
+
+
+@_accepts_virtual_out
 def row_groups(
-    out_features: int, groups: int, *, row_offset: int = 0, virtual_out: Optional[int] = None,
+    out_features: int, groups: int, *, row_offset: int = 0, virtual_out_features: Optional[int] = None,
     device=None,
 ) -> torch.Tensor:
-    """Group index of every row of the layer: ``(row_offset + o) // (virtual_out / g)``."""
-    vout = out_features if virtual_out is None else virtual_out
+    """Group index of every row of the layer: ``(row_offset + o) // (virtual_out_features / g)``."""
+    vout = out_features if virtual_out_features is None else virtual_out_features
     rows = torch.arange(row_offset, row_offset + out_features, device=device)
     return rows // (vout // groups)
 
 
+@_accepts_virtual_out
 def support_index(
     in_features: int,
     out_features: int,
     groups: int,
-    shuffle: bool,
+    channel_shuffle: bool,
     *,
     row_offset: int = 0,
-    virtual_out: Optional[int] = None,
+    virtual_out_features: Optional[int] = None,
     device=None,
 ) -> torch.Tensor:
     """Flat dense indices ``(out, s)`` of a branch's compact weight entries.
@@ -134,36 +204,38 @@ def support_index(
     ``col = perm[q*s + j]`` (shuffle), ``q`` the group of row ``o``.
     """
     s = in_features // groups
-    q = row_groups(out_features, groups, row_offset=row_offset, virtual_out=virtual_out,
+    q = row_groups(out_features, groups, row_offset=row_offset, virtual_out_features=virtual_out_features,
                    device=device)
     cols = q[:, None] * s + torch.arange(s, device=device)[None, :]
-    if shuffle:
+    if channel_shuffle:
         cols = shuffle_permutation(in_features, groups, device=device)[cols]
     rows = torch.arange(out_features, device=device)[:, None] * in_features
     return rows + cols
 
 
+@_accepts_virtual_out
 def grouped_to_dense(
-    weight: torch.Tensor, in_features: int, groups: int, shuffle: bool, *,
-    row_offset: int = 0, virtual_out: Optional[int] = None,
+    weight: torch.Tensor, in_features: int, groups: int, channel_shuffle: bool, *,
+    row_offset: int = 0, virtual_out_features: Optional[int] = None,
 ) -> torch.Tensor:
     """The dense ``(out, in)`` matrix ``D`` of one branch's compact ``(out, s)`` weight."""
     out_features = weight.shape[0]
-    idx = support_index(in_features, out_features, groups, shuffle, row_offset=row_offset,
-                        virtual_out=virtual_out, device=weight.device)
+    idx = support_index(in_features, out_features, groups, channel_shuffle, row_offset=row_offset,
+                        virtual_out_features=virtual_out_features, device=weight.device)
     dense = weight.new_zeros(out_features * in_features)
     dense.index_put_((idx.reshape(-1),), weight.reshape(-1))
     return dense.view(out_features, in_features)
 
 
+@_accepts_virtual_out
 def dense_to_grouped(
-    dense: torch.Tensor, groups: int, shuffle: bool, *,
-    row_offset: int = 0, virtual_out: Optional[int] = None,
+    dense: torch.Tensor, groups: int, channel_shuffle: bool, *,
+    row_offset: int = 0, virtual_out_features: Optional[int] = None,
 ) -> torch.Tensor:
     """Inverse of :func:`grouped_to_dense` on the branch's support: the compact ``(out, s)``."""
     out_features, in_features = dense.shape
-    idx = support_index(in_features, out_features, groups, shuffle, row_offset=row_offset,
-                        virtual_out=virtual_out, device=dense.device)
+    idx = support_index(in_features, out_features, groups, channel_shuffle, row_offset=row_offset,
+                        virtual_out_features=virtual_out_features, device=dense.device)
     return dense.reshape(-1)[idx]
 
 
@@ -210,9 +282,10 @@ def keep_masks(batch: int, branches: int, drop_rate: float, *,
     return keep.t().to(torch.float32) / (1.0 - drop_rate)
 
 
+@_accepts_virtual_out
 def grouped_forward_reference(
-    x: torch.Tensor, weight: torch.Tensor, groups: int, shuffle: bool, *,
-    row_offset: int = 0, virtual_out: Optional[int] = None,
+    x: torch.Tensor, weight: torch.Tensor, groups: int, channel_shuffle: bool, *,
+    row_offset: int = 0, virtual_out_features: Optional[int] = None,
 ) -> torch.Tensor:
     """``B P x`` read literally off the formulas (the oracle, not the fast path).
 
@@ -221,9 +294,9 @@ def grouped_forward_reference(
     """
     in_features = x.shape[-1]
     s = in_features // groups
-    xs = channel_shuffle(x, groups) if shuffle else x
+    xs = _shuffle_channels(x, groups) if channel_shuffle else x
     slices = xs.unflatten(-1, (groups, s))  # (..., g, s)
-    q = row_groups(weight.shape[0], groups, row_offset=row_offset, virtual_out=virtual_out,
+    q = row_groups(weight.shape[0], groups, row_offset=row_offset, virtual_out_features=virtual_out_features,
                    device=x.device)
     per_row = slices[..., q, :]  # (..., out, s): the slice each output row reads
     return (per_row * weight).sum(-1)
@@ -248,12 +321,13 @@ class BlockPlan(NamedTuple):
     batches: int
 
 
+@_accepts_virtual_out
 @lru_cache(maxsize=None)  # a few shapes per model, asked for on every forward and backward
 def block_plan(in_features: int, out_features: int, groups: int, *, row_offset: int = 0,
-               virtual_out: Optional[int] = None) -> BlockPlan:
+               virtual_out_features: Optional[int] = None) -> BlockPlan:
     """The :class:`BlockPlan` of a branch with ``groups`` groups over rows
-    ``[row_offset, row_offset + out_features)`` of a ``virtual_out``-row layer."""
-    vout = out_features if virtual_out is None else virtual_out
+    ``[row_offset, row_offset + out_features)`` of a ``virtual_out_features``-row layer."""
+    vout = out_features if virtual_out_features is None else virtual_out_features
     rows, s = vout // groups, in_features // groups
     first = row_offset // rows
     last = (row_offset + out_features - 1) // rows + 1
@@ -269,10 +343,11 @@ def block_plan(in_features: int, out_features: int, groups: int, *, row_offset: 
     return BlockPlan(s, rows, first, last, lead, trail, c, n_groups // c)
 
 
-def _input_blocks(x: torch.Tensor, groups: int, shuffle: bool, plan: BlockPlan) -> torch.Tensor:
+def _input_blocks(x: torch.Tensor, groups: int, channel_shuffle: bool, plan: BlockPlan
+                  ) -> torch.Tensor:
     """``(batches, n, c*s)`` view of the (shuffled) input slices the plan's groups read."""
     n, s = x.shape[0], plan.s
-    xs = channel_shuffle(x, groups) if shuffle else x
+    xs = _shuffle_channels(x, groups) if channel_shuffle else x
     xs = xs.reshape(n, groups * s)[:, plan.first * s:plan.last * s]
     return xs.reshape(n, plan.batches, plan.c * s).transpose(0, 1)
 
@@ -287,9 +362,10 @@ def _block_diagonal(weight: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     return blocks.view(b, c * s, c * r)
 
 
+@_accepts_virtual_out
 def grouped_forward_blocks(
-    x: torch.Tensor, weight: torch.Tensor, groups: int, shuffle: bool, *,
-    row_offset: int = 0, virtual_out: Optional[int] = None,
+    x: torch.Tensor, weight: torch.Tensor, groups: int, channel_shuffle: bool, *,
+    row_offset: int = 0, virtual_out_features: Optional[int] = None,
 ) -> torch.Tensor:
     """``B P x`` for ``x`` of shape ``(n, in)``, as batched block-diagonal matmuls.
 
@@ -297,15 +373,17 @@ def grouped_forward_blocks(
     small matmuls: the fast path uses it on the few rows whose sample dropped the branch.
     """
     plan = block_plan(x.shape[-1], weight.shape[0], groups, row_offset=row_offset,
-                      virtual_out=virtual_out)
+                      virtual_out_features=virtual_out_features)
     n = x.shape[0]
-    y = torch.bmm(_input_blocks(x, groups, shuffle, plan), _block_diagonal(weight, plan))
+    y = torch.bmm(_input_blocks(x, groups, channel_shuffle, plan), _block_diagonal(weight, plan))
     return y.transpose(0, 1).reshape(n, -1)[:, plan.lead:plan.lead + weight.shape[0]]
 
 
+@_accepts_virtual_out
 def grouped_input_grad(
-    grad_out: torch.Tensor, weight: torch.Tensor, in_features: int, groups: int, shuffle: bool,
-    *, row_offset: int = 0, virtual_out: Optional[int] = None,
+    grad_out: torch.Tensor, weight: torch.Tensor, in_features: int, groups: int,
+    channel_shuffle: bool,
+    *, row_offset: int = 0, virtual_out_features: Optional[int] = None,
 ) -> torch.Tensor:
     """``(B P)^T grad_out = P^T B^T grad_out``: the input gradient of ``B P x``, ``(n, in)``.
 
@@ -314,7 +392,7 @@ def grouped_input_grad(
     """
     out_features = weight.shape[0]
     plan = block_plan(in_features, out_features, groups, row_offset=row_offset,
-                      virtual_out=virtual_out)
+                      virtual_out_features=virtual_out_features)
     n, s = grad_out.shape[0], plan.s
     g = grad_out
     if plan.lead or plan.trail:
@@ -326,7 +404,7 @@ def grouped_input_grad(
         full = grad_out.new_zeros(n, in_features)
         full[:, plan.first * s:plan.last * s] = part
         part = full
-    return channel_shuffle(part, s) if shuffle else part
+    return _shuffle_channels(part, s) if channel_shuffle else part
 
 
 # Rows per step of the weight-gradient sum: about 4 MiB of grad_out and x rows together, so a
@@ -337,9 +415,10 @@ _CHUNK_BYTES = 4 << 20
 RowSource = Union[torch.Tensor, Callable[[int, int], torch.Tensor]]
 
 
+@_accepts_virtual_out
 def grouped_weight_grad(
-    grad_out: torch.Tensor, x: RowSource, groups: int, shuffle: bool, *,
-    row_offset: int = 0, virtual_out: Optional[int] = None,
+    grad_out: torch.Tensor, x: RowSource, groups: int, channel_shuffle: bool, *,
+    row_offset: int = 0, virtual_out_features: Optional[int] = None,
     row_ranges: Optional[Sequence[Tuple[int, int]]] = None, in_features: Optional[int] = None,
 ) -> torch.Tensor:
     """Gradient of a branch's compact ``(out, s)`` weight from its block structure.
@@ -362,7 +441,7 @@ def grouped_weight_grad(
     elif in_features is None:
         raise ValueError("grouped_weight_grad: in_features is required when x is a function")
     plan = block_plan(in_features, out_features, groups, row_offset=row_offset,
-                      virtual_out=virtual_out)
+                      virtual_out_features=virtual_out_features)
     b, c, r, s = plan.batches, plan.c, plan.rows, plan.s
     chunk = max(1, _CHUNK_BYTES // (grad_out.element_size() * (in_features + out_features)))
     full = None
@@ -373,7 +452,7 @@ def grouped_weight_grad(
             if plan.lead or plan.trail:
                 gs = torch.nn.functional.pad(gs, (plan.lead, plan.trail))
             g_blocks = gs.reshape(e - a, b, c * r).permute(1, 2, 0)
-            x_blocks = _input_blocks(x(a, e), groups, shuffle, plan)
+            x_blocks = _input_blocks(x(a, e), groups, channel_shuffle, plan)
             if full is None:
                 full = torch.bmm(g_blocks, x_blocks)
             else:

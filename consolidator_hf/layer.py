@@ -6,28 +6,31 @@ The math lives in :mod:`consolidator_hf.grouped`; this module holds parameters a
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
 from . import grouped
-from ._fast import merged_branch_linear
+from .fast_path import UnionCache, fast_linear
+from .grouped import Geometry
 from .config import IMPLS  # "fast" (one merged-weight GEMM, default) | "reference" (the oracle)
+
+
+def merge_is_finite(weight: torch.Tensor, bias: Optional[torch.Tensor]) -> bool:
+    """Whether a merged weight (and bias) hold no NaN or inf: the safe-merge check."""
+    return bool(torch.isfinite(weight).all()) and (bias is None or bool(torch.isfinite(bias).all()))
 
 
 class ConsolidatorBranch(nn.Module):
     """One branch: compact grouped weight ``(out, in/g)`` and optional bias ``(out,)``."""
 
-    def __init__(self, in_features: int, out_features: int, groups: int, shuffle: bool,
-                 bias: bool, init_range: float, row_offset: int, virtual_out: int,
-                 device=None, dtype=None) -> None:
+    def __init__(self, in_features: int, out_features: int, geometry: Geometry,
+                 bias: bool, init_range: float, device=None, dtype=None) -> None:
         super().__init__()
         self.in_features = in_features
-        self.groups = groups
-        self.shuffle = shuffle
-        self.row_offset = row_offset
-        self.virtual_out = virtual_out
+        self.geometry = geometry
+        groups = geometry.groups
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features // groups, **factory))
         self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
@@ -38,47 +41,33 @@ class ConsolidatorBranch(nn.Module):
         if self.bias is not None:
             nn.init.uniform_(self.bias, -init_range, init_range)
 
+    @property
+    def groups(self) -> int:
+        return self.geometry.groups
+
+    @property
+    def channel_shuffle(self) -> bool:
+        return self.geometry.channel_shuffle
+
     def support_index(self, device=None) -> torch.Tensor:
         return grouped.support_index(
-            self.in_features, self.weight.shape[0], self.groups, self.shuffle,
-            row_offset=self.row_offset, virtual_out=self.virtual_out,
+            self.in_features, self.weight.shape[0], **self.geometry._asdict(),
             device=device if device is not None else self.weight.device,
         )
 
     def dense(self) -> torch.Tensor:
         """Dense fp32 ``D_k`` (merges are computed in fp32, then cast)."""
-        return grouped.grouped_to_dense(
-            self.weight.float(), self.in_features, self.groups, self.shuffle,
-            row_offset=self.row_offset, virtual_out=self.virtual_out,
-        )
+        return grouped.grouped_to_dense(self.weight.float(), self.in_features,
+                                        **self.geometry._asdict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``B_k P_k x + c_k``, literally (reference)."""
-        y = grouped.grouped_forward_reference(
-            x, self.weight, self.groups, self.shuffle,
-            row_offset=self.row_offset, virtual_out=self.virtual_out,
-        )
+        y = grouped.grouped_forward_reference(x, self.weight, **self.geometry._asdict())
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
         return (f"out={self.weight.shape[0]}, in={self.in_features}, groups={self.groups}, "
-                f"shuffle={self.shuffle}, bias={self.bias is not None}")
-
-
-class UnionState(NamedTuple):
-    """Where the branches sit in ``W0``, for the fast path.
-
-    ``union``: flat indices of ``W0`` covered by any branch (a single branch's support in its
-    own order, so its compact weight maps onto it without a gather); ``positions[k]``: where
-    branch ``k``'s entries sit in ``union`` (``None`` when they are ``union`` itself);
-    ``original``: ``W0`` read on ``union`` in fp32; ``native``: the same in ``W0``'s dtype, to
-    restore it bit for bit.
-    """
-
-    union: torch.Tensor
-    positions: List[Optional[torch.Tensor]]
-    original: torch.Tensor
-    native: torch.Tensor
+                f"channel_shuffle={self.channel_shuffle}, bias={self.bias is not None}")
 
 
 class ConsolidatorLinear(nn.Module):
@@ -118,8 +107,8 @@ class ConsolidatorLinear(nn.Module):
         out_f, in_f = base_layer.out_features, base_layer.in_features
         vout = out_f if virtual_out_features is None else virtual_out_features
         for g in groups:
-            grouped.check_groups(in_f, out_f, g, row_offset=row_offset, virtual_out=vout,
-                                 name=name)
+            grouped.check_groups(in_f, out_f, g, row_offset=row_offset,
+                                 virtual_out_features=vout, name=name)
         self.base_layer = base_layer
         self.name = name
         self.in_features, self.out_features = in_f, out_f
@@ -133,11 +122,14 @@ class ConsolidatorLinear(nn.Module):
         self.disabled = False  # ConsolidatorModel.disable_adapter: forward through the base alone
         self._merged_bias_added = False
         w = base_layer.weight
+        self.geometries: Tuple[Geometry, ...] = tuple(
+            Geometry(g, channel_shuffle, row_offset, vout) for g in self.groups)
         self.branches = nn.ModuleList(
-            ConsolidatorBranch(in_f, out_f, g, channel_shuffle, branch_bias, init_range,
-                               row_offset, vout, device=w.device, dtype=w.dtype)
-            for g in self.groups
+            ConsolidatorBranch(in_f, out_f, geom, branch_bias, init_range, device=w.device,
+                               dtype=w.dtype)
+            for geom in self.geometries
         )
+        self._union_cache = UnionCache()  # the fast path's view of where the branches sit in W0
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -166,27 +158,13 @@ class ConsolidatorLinear(nn.Module):
 
         Samples sharing a keep pattern share one weight ``W0 + sum_{k kept} D_k / (1-p)``;
         the backward pass computes branch-weight gradients from the block structure
-        (see :mod:`consolidator_hf._fast`).
+        (see :mod:`consolidator_hf.fast_path`).
         """
-        return merged_branch_linear(self, x, self.draw_masks(x.shape[0] if x.dim() > 1 else 1))
-
-    def _union_state(self) -> "UnionState":
-        """The cached :class:`UnionState` of the fast path, rebuilt when ``W0`` moves, is
-        replaced or changes in place."""
-        w0 = self.base_layer.weight
-        key = (w0.device, w0.dtype, w0.data_ptr(), w0._version)
-        cache = getattr(self, "_union_cache", None)
-        if cache is None or cache[0] != key:
-            idxs = [b.support_index(device=w0.device).reshape(-1) for b in self.branches]
-            if len(idxs) == 1:
-                union, positions = idxs[0], [None]
-            else:
-                union = grouped.union_support(idxs)
-                positions = [torch.searchsorted(union, i) for i in idxs]
-            native_values = w0.detach().reshape(-1).index_select(0, union)
-            cache = (key, UnionState(union, positions, native_values.float(), native_values))
-            self._union_cache = cache
-        return cache[1]
+        base = self.base_layer
+        return fast_linear(x, base.weight, base.bias, [b.weight for b in self.branches],
+                           [b.bias for b in self.branches], self.geometries,
+                           self.draw_masks(x.shape[0] if x.dim() > 1 else 1), self.drop_rate,
+                           self._union_cache)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """DESIGN.md section 1 literally: base, plus each branch times its per-sample mask."""
@@ -216,27 +194,35 @@ class ConsolidatorLinear(nn.Module):
 
     # ------------------------------------------------------------------ merge
     @torch.no_grad()
-    def merge(self, safe_merge: bool = False) -> None:
+    def merged_values(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """What :meth:`merge` writes: ``W0 + sum_k D_k`` (:func:`grouped.merged_linear`, fp32,
+        cast to the base dtype) and ``b0 + sum_k c_k`` in fp32 (``None`` when the branches
+        have no bias: the base bias is then left as it is)."""
+        base = self.base_layer
+        w, b = grouped.merged_linear(base.weight, base.bias, [br.dense() for br in self.branches],
+                                     [br.bias for br in self.branches])
+        has_branch_bias = any(br.bias is not None for br in self.branches)
+        return w.to(base.weight.dtype), (b if has_branch_bias else None)
+
+    @torch.no_grad()
+    def merge(self, safe_merge: bool = False,
+              merged_values: Optional[Tuple[torch.Tensor, Optional[torch.Tensor]]] = None
+              ) -> None:
         """Fold the branches into the base layer (fp32 sum, then cast to the base dtype).
 
         With ``safe_merge`` the result is checked for NaN/inf before the base is touched.
+        ``merged_values``: :meth:`merged_values` already computed (and checked) by the caller,
+        so that a checked merge forms the merged weight once.
         """
         if self.merged:
             return
         if self.disabled:
             raise ValueError(f"{self.name}: cannot merge inside disable_adapter()")
+        new_w, new_b = self.merged_values() if merged_values is None else merged_values
+        if safe_merge and not merge_is_finite(new_w, new_b):
+            raise ValueError(f"{self.name}: merge would produce NaN or inf weights; "
+                             "the layer was left unmerged")
         w = self.base_layer.weight
-        new_w = (w.float() + self.delta_weight()).to(w.dtype)
-        db = self.delta_bias()
-        new_b = None
-        if db is not None:
-            b = self.base_layer.bias
-            new_b = db if b is None else b.float() + db
-        if safe_merge:
-            bad = not torch.isfinite(new_w).all() or (new_b is not None and not torch.isfinite(new_b).all())
-            if bad:
-                raise ValueError(f"{self.name}: merge would produce NaN or inf weights; "
-                                 "the layer was left unmerged")
         w.copy_(new_w)
         if new_b is not None:
             if self.base_layer.bias is None:
@@ -249,19 +235,22 @@ class ConsolidatorLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the branches again: the base layer is restored (up to fp rounding)."""
+        """Subtract the branches again (the merge formula with scale -1): the base layer is
+        restored (up to fp rounding)."""
         if not self.merged:
             return
-        w = self.base_layer.weight
-        w.copy_((w.float() - self.delta_weight()).to(w.dtype))
-        db = self.delta_bias()
-        if db is not None:
-            if self._merged_bias_added:
-                self.base_layer.bias = None
+        base = self.base_layer
+        removes_bias = self._merged_bias_added
+        w, b = grouped.merged_linear(base.weight, None if removes_bias else base.bias,
+                                     [br.dense() for br in self.branches],
+                                     [br.bias for br in self.branches], scale=-1.0)
+        base.weight.copy_(w.to(base.weight.dtype))
+        if any(br.bias is not None for br in self.branches):
+            if removes_bias:
+                base.bias = None
                 self._merged_bias_added = False
             else:
-                b = self.base_layer.bias
-                b.copy_((b.float() - db).to(b.dtype))
+                base.bias.copy_(b.to(base.bias.dtype))
         self.merged = False
 
     # ------------------------------------------------------------------ storage

@@ -18,8 +18,9 @@ from torch import nn
 from ._io import atomic_save_safetensors, load_safetensors, resolve_file
 from .config import FORMAT_VERSION, WEIGHTS_NAME, ConsolidatorConfig
 from .drop_path import BackboneDropPath, add_backbone_drop_path
-from .layer import ConsolidatorLinear
-from .targets import default_target_modules, name_matches, qkv_modules, rename_4_to_5
+from .layer import ConsolidatorLinear, merge_is_finite
+from .targets import (default_target_modules, is_norm, linear_names, name_matches, qkv_modules,
+                      rename_4_to_5)
 
 _ADAPTER_FORMAT = "consolidator_hf"
 
@@ -28,11 +29,6 @@ def _matches(name: str, spec: Union[List[str], str]) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, name) is not None
     return any(name_matches(name, t) for t in spec)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    # LayerNorm subclasses and look-alikes (e.g. Dinov2's) all carry "LayerNorm" in the name.
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -104,8 +100,7 @@ class ConsolidatorModel(nn.Module):
         """
         if self.consolidator_config.qkv_grouping != "fused":
             return []
-        return [qkv_modules(n for n, m in self.base_model.named_modules()
-                            if isinstance(m, nn.Linear))]
+        return [qkv_modules(linear_names(self.base_model))]
 
     def _compute_row_slices(self, chosen: List[str], modules: Dict[str, nn.Module]
                             ) -> Dict[str, Tuple[int, int]]:
@@ -166,7 +161,7 @@ class ConsolidatorModel(nn.Module):
         if not isinstance(targets, str):
             for t in targets:
                 if not any(name_matches(n, t) for n in chosen):
-                    linear = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+                    linear = linear_names(self.base_model)
                     raise ValueError(
                         f"target module {t!r} matches no nn.Linear in "
                         f"{type(self.base_model).__name__} (after exclude_modules); linear "
@@ -211,7 +206,7 @@ class ConsolidatorModel(nn.Module):
             if isinstance(module, ConsolidatorLinear):
                 if cfg.train_bias and module.base_layer.bias is not None:
                     chosen.setdefault(id(module.base_layer.bias), (f"{name}.bias", module.base_layer.bias))
-            elif cfg.train_layernorm and _is_norm(module):
+            elif cfg.train_layernorm and is_norm(module):
                 add(name, module, recurse=False)
         for name in self._saved_module_names():
             add(name, self.base_model.get_submodule(name), recurse=True)
@@ -326,17 +321,23 @@ class ConsolidatorModel(nn.Module):
                     self.base_model, self.consolidator_config.backbone_drop_path)
 
     def _replace_layers(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+        checked: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
         if merge and safe_merge:
-            # Check every layer before touching any, so a bad merge leaves the model intact.
+            # Check every layer before touching any, so a bad merge leaves the model intact;
+            # the checked values are the ones written (each merged weight is formed once).
             for name, layer in self.consolidator_layers():
-                if not layer.merged and not torch.isfinite(layer.delta_weight()).all():
+                if layer.merged:
+                    continue
+                checked[name] = layer.merged_values()
+                if not merge_is_finite(*checked[name]):
                     raise ValueError(f"{name}: merge would produce NaN or inf weights; "
                                      "nothing was merged")
         if self.backbone_drop_path is not None:  # hand back a plain model, without our hooks
             self.backbone_drop_path.remove()
             self.backbone_drop_path = None
         if merge:
-            self.merge_adapter(safe_merge=safe_merge)
+            for name, layer in self.consolidator_layers():
+                layer.merge(safe_merge=safe_merge, merged_values=checked.pop(name, None))
         else:
             self.unmerge_adapter()
         for name, layer in list(self.consolidator_layers()):

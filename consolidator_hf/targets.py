@@ -198,3 +198,9 @@ def lora_target_modules(model: Union[nn.Module, str], scheme: Optional[str] = No
     raise ValueError(f"method='lora': cannot find the query/value projections of this "
                      f"model_type={model_type!r} model under either naming scheme ({table}); "
                      "set target_modules")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether ``module`` is a LayerNorm: ``nn.LayerNorm``, a subclass, or a look-alike whose
+    class name ends in ``LayerNorm`` (e.g. Dinov2's); what ``train_layernorm`` trains."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")

@@ -466,7 +466,7 @@ def test_backward_twice_with_retained_graph():
 def test_unreadable_producer_falls_back_to_saving_the_input_with_one_warning(monkeypatch):
     """If a torch build hides what LayerNorm saved, the input is kept (same gradients) and the
     user is told once that the fast path now costs activation memory."""
-    from consolidator_hf import _fast
+    from consolidator_hf import fast_path as _fast
 
     class NativeLayerNormBackward0:  # the node's type name, without the _saved_* attributes
         pass

@@ -15,7 +15,7 @@ from torch import nn
 
 from ..config import ConsolidatorConfig
 from ..model import ConsolidatorModel
-from ..targets import head_module_name, lora_target_modules
+from ..targets import head_module_name, is_norm, lora_target_modules
 from .config import FinetuneConfig
 
 _DEFAULT_ADAPTER = ConsolidatorConfig()
@@ -36,10 +36,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 def _freeze_all_but(model: nn.Module, keep: Callable[[str, nn.Parameter], bool]) -> None:
     for name, p in model.named_parameters():
         p.requires_grad_(bool(keep(name, p)))
-
-
-def is_norm(module: nn.Module) -> bool:
-    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")
 
 
 def wrap_model(model: nn.Module, cfg: FinetuneConfig) -> nn.Module:

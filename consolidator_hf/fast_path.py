@@ -1,5 +1,9 @@
 """The fast training path of :class:`~consolidator_hf.layer.ConsolidatorLinear`.
 
+This module knows tensors and :class:`~consolidator_hf.grouped.Geometry` records, not the
+layer: :func:`fast_linear` takes the layer's tensors, its branches' geometries and a
+:class:`UnionCache`, and the autograd Function keeps for backward only what forward saw.
+
 The reference forward computes ``W0 x`` and then every branch ``B_k P_k x`` on its own (the
 paper's grouped 1x1 convolutions). Here the branches are folded into the frozen weight
 instead, so a layer costs one GEMM, like a plain ``nn.Linear``::
@@ -43,26 +47,13 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager, nullcontext
-from typing import TYPE_CHECKING, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from . import grouped
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .layer import ConsolidatorLinear, UnionState
-
-def _runs(flags: List[bool]) -> List[Tuple[int, int]]:
-    """``[start, stop)`` of every maximal run of ``True`` in ``flags``."""
-    runs, start = [], None
-    for i, f in enumerate(flags + [False]):
-        if f and start is None:
-            start = i
-        elif not f and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
+from .grouped import Geometry
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -191,23 +182,66 @@ class InputRebuild:
             self._shared = None
 
 
+
+# ------------------------------------------------------------------ the union of the supports
+class UnionState(NamedTuple):
+    """Where the branches sit in ``W0``.
+
+    ``union``: flat indices of ``W0`` covered by any branch (a single branch's support in its
+    own order, so its compact weight maps onto it without a gather); ``positions[k]``: where
+    branch ``k``'s entries sit in ``union`` (``None`` when they are ``union`` itself);
+    ``original``: ``W0`` read on ``union`` in fp32; ``native``: the same in ``W0``'s dtype, to
+    restore it bit for bit.
+    """
+
+    union: torch.Tensor
+    positions: List[Optional[torch.Tensor]]
+    original: torch.Tensor
+    native: torch.Tensor
+
+
+class UnionCache:
+    """One layer's :class:`UnionState`, rebuilt when ``W0`` moves, is replaced or changes in
+    place (its device, dtype, storage or version counter differ from the cached key)."""
+
+    __slots__ = ("_key", "_state")
+
+    def __init__(self) -> None:
+        self._key: Optional[tuple] = None
+        self._state: Optional[UnionState] = None
+
+    def get(self, w0: torch.Tensor, geometries: Sequence[Geometry]) -> UnionState:
+        key = (w0.device, w0.dtype, w0.data_ptr(), w0._version)
+        if self._state is None or self._key != key:
+            out_f, in_f = w0.shape
+            idxs = [grouped.support_index(in_f, out_f, **geom._asdict(), device=w0.device)
+                    .reshape(-1) for geom in geometries]
+            if len(idxs) == 1:
+                union, positions = idxs[0], [None]
+            else:
+                union = grouped.union_support(idxs)
+                positions = [torch.searchsorted(union, i) for i in idxs]
+            native = w0.detach().reshape(-1).index_select(0, union)
+            self._key, self._state = key, UnionState(union, positions, native.float(), native)
+        return self._state
+
+
 # ------------------------------------------------------------------ the patched weight
-def patched_values(layer: "ConsolidatorLinear", state: "UnionState", scale: float,
-                   dtype: torch.dtype) -> torch.Tensor:
-    """``W0 + scale * sum_k D_k`` on the union of the supports (fp32 sum, cast to ``dtype``), in
-    the order of ``state.union`` (``state = layer._union_state()``)."""
-    values = state.original
-    for k, branch in enumerate(layer.branches):
-        w = branch.weight.detach().reshape(-1)
-        if state.positions[k] is None:  # this branch's entries are the union, in order
-            values = torch.add(values, w, alpha=scale)
-        else:
-            values = values.index_add(0, state.positions[k], w.float(), alpha=scale)
-    return values.to(dtype)
+def _patch(state: UnionState, b0: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
+           biases: Sequence[Optional[torch.Tensor]], scale: float, dtype: torch.dtype
+           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """``W0 + scale * sum_k D_k`` on the union of the supports (in the order of
+    ``state.union``) and ``b0 + scale * sum_k c_k``: :func:`grouped.merged_linear` in fp32,
+    cast to ``dtype``."""
+    values, bias = grouped.merged_linear(
+        state.original, b0, [w.detach() for w in weights],
+        [c.detach() if c is not None else None for c in biases],
+        scale=scale, positions=state.positions)
+    return values.to(dtype), (bias.to(dtype) if bias is not None else None)
 
 
 @contextmanager
-def patched_weight(layer: "ConsolidatorLinear", state: "UnionState", values: torch.Tensor,
+def patched_weight(w0: torch.Tensor, state: UnionState, values: torch.Tensor,
                    dtype: torch.dtype) -> Iterator[torch.Tensor]:
     """``W0`` with ``values`` written on the union support, in ``dtype``, for a ``with`` block.
 
@@ -215,7 +249,6 @@ def patched_weight(layer: "ConsolidatorLinear", state: "UnionState", values: tor
     exactly on exit (no dense copy); otherwise the patch goes into the cast copy the GEMM needs
     anyway.
     """
-    w0 = layer.base_layer.weight
     in_place = w0.dtype == dtype and w0.is_contiguous()
     if not in_place:
         target = w0.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
@@ -233,157 +266,197 @@ def patched_weight(layer: "ConsolidatorLinear", state: "UnionState", values: tor
         flat.index_copy_(0, state.union, state.native)
 
 
-def _merged_bias(layer: "ConsolidatorLinear", scale: float,
-                 dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """``b0 + scale * sum_k c_k`` (fp32 sum, then cast), or ``None`` when there is no bias."""
-    b0 = layer.base_layer.bias
-    terms = [b.bias for b in layer.branches if b.bias is not None]
-    if b0 is None and not terms:
-        return None
-    bias = b0.detach().float() if b0 is not None else torch.zeros(
-        layer.out_features, dtype=torch.float32, device=layer.base_layer.weight.device)
-    for c in terms:
-        bias = torch.add(bias, c.detach().float(), alpha=scale)
-    return bias.to(dtype)
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """``t`` as ``(rows, features)``: a view."""
     return t.reshape(-1, t.shape[-1])
 
 
-# Inputs of _MergedBranchLinear.apply, in order: layer, masks, rebuild, x, w0, b0, weights..., biases...
-_X, _W0, _B0, _BRANCHES = 3, 4, 5, 6
+# ------------------------------------------------------------------ the autograd Function
+class _Spec(NamedTuple):
+    """What the Function needs besides tensors: the branches' geometries, the drop scale
+    ``s`` (``1/(1-p)`` with masks, else 1) and the number of branches."""
+
+    geometries: Tuple[Geometry, ...]
+    scale: float
+
+
+class _Needs(NamedTuple):
+    """``ctx.needs_input_grad`` by name (the Function's tensor inputs)."""
+
+    x: bool
+    w0: bool
+    b0: bool
+    weights: Tuple[bool, ...]
+    biases: Tuple[bool, ...]
+
+    @property
+    def x_rows(self) -> bool:
+        """Whether backward needs the layer input (for a weight gradient)."""
+        return self.w0 or any(self.weights)
+
+
+# Leading non-tensor inputs of _MergedBranchLinear.apply: spec, state, rebuild, masks.
+_N_META = 4
+
+
+def _needs(ctx, n_branches: int) -> _Needs:
+    flags = ctx.needs_input_grad[_N_META:]
+    return _Needs(flags[0], flags[1], flags[2], tuple(flags[3:3 + n_branches]),
+                  tuple(flags[3 + n_branches:3 + 2 * n_branches]))
+
+
+def _runs(flags: List[bool]) -> List[Tuple[int, int]]:
+    """``[start, stop)`` of every maximal run of ``True`` in ``flags``."""
+    runs, start = [], None
+    for i, f in enumerate(flags + [False]):
+        if f and start is None:
+            start = i
+        elif not f and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
 class _MergedBranchLinear(torch.autograd.Function):
     """Autograd for the fast path; see the module docstring for the gradients."""
 
     @staticmethod
-    def forward(ctx, layer, masks, rebuild, x, w0, b0, *branch_params):  # noqa: D401
-        n_branches = len(layer.branches)
-        scale = 1.0 / (1.0 - layer.drop_rate) if masks is not None else 1.0
+    def forward(ctx, spec: _Spec, state: UnionState, rebuild: Optional[InputRebuild],
+                masks: Optional[torch.Tensor], x: torch.Tensor, w0: torch.Tensor,
+                b0: Optional[torch.Tensor], *branch_params: Optional[torch.Tensor]):
+        n = len(spec.geometries)
+        weights, biases = branch_params[:n], branch_params[n:]
         dtype = _compute_dtype(x)
         # Per branch, the runs of samples that kept it and that dropped it (no masks: all kept).
         if masks is None:
-            kept = [[(0, x.shape[0])] for _ in range(n_branches)]
-            dropped = [[] for _ in range(n_branches)]
+            kept = [[(0, x.shape[0])] for _ in range(n)]
+            dropped: List[List[Tuple[int, int]]] = [[] for _ in range(n)]
         else:
             columns = (masks > 0).t().tolist()  # masks live on the CPU: no device sync
             kept = [_runs(column) for column in columns]
             dropped = [_runs([not keep for keep in column]) for column in columns]
         with _autocast_off(x.device.type):
             xc = x.to(dtype).contiguous()
-            state = layer._union_state()
-            values = patched_values(layer, state, scale, dtype)
-            with patched_weight(layer, state, values, dtype) as w:
-                y = F.linear(xc, w, _merged_bias(layer, scale, dtype))
+            values, bias = _patch(state, b0, weights, biases, spec.scale, dtype)
+            with patched_weight(w0, state, values, dtype) as w:
+                y = F.linear(xc, w, bias)
             for k, runs in enumerate(dropped):
-                branch = layer.branches[k]
+                geom, w_k, c_k = spec.geometries[k], weights[k].detach().to(dtype), biases[k]
                 for a, b in runs:  # take branch k back out of the samples that dropped it
-                    y_rows = _rows(y[a:b])
-                    part = grouped.grouped_forward_blocks(
-                        _rows(xc[a:b]), branch.weight.detach().to(dtype), branch.groups,
-                        branch.shuffle, row_offset=branch.row_offset,
-                        virtual_out=branch.virtual_out)
-                    if branch.bias is not None:
-                        part = part + branch.bias.detach().to(dtype)
-                    y_rows.sub_(part, alpha=scale)
-        needs = ctx.needs_input_grad
-        need_x = needs[_W0] or any(needs[_BRANCHES:_BRANCHES + n_branches])
-        if not need_x and rebuild is not None:
+                    part = grouped.grouped_forward_blocks(_rows(xc[a:b]), w_k, **geom._asdict())
+                    if c_k is not None:
+                        part = part + c_k.detach().to(dtype)
+                    _rows(y[a:b]).sub_(part, alpha=spec.scale)
+        needs = _needs(ctx, n)
+        if not needs.x_rows and rebuild is not None:
             rebuild.release()
             rebuild = None
         # x itself is saved only when it is needed and cannot be rebuilt.
-        saved_x = xc if need_x and rebuild is None else None
-        ctx.save_for_backward(saved_x, masks, *(rebuild.tensors if rebuild is not None else ()))
-        ctx.layer, ctx.scale, ctx.dtype, ctx.kept, ctx.dropped = layer, scale, dtype, kept, dropped
+        saved_x = xc if needs.x_rows and rebuild is None else None
+        ctx.save_for_backward(saved_x, masks, w0, *weights,
+                              *(rebuild.tensors if rebuild is not None else ()))
+        ctx.spec, ctx.state, ctx.dtype, ctx.kept, ctx.dropped = spec, state, dtype, kept, dropped
         ctx.patch, ctx.rebuild = values, rebuild
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
-        ctx.weight_dtypes = [w.dtype for w in branch_params[:n_branches]]
+        ctx.grad_dtypes = (w0.dtype, b0.dtype if b0 is not None else None,
+                           [w.dtype for w in weights],
+                           [c.dtype if c is not None else None for c in biases])
         return y
 
     @staticmethod
     def backward(ctx, grad_out):
-        layer, scale, dtype, dropped = ctx.layer, ctx.scale, ctx.dtype, ctx.dropped
-        saved_x, masks, *rebuild_tensors = ctx.saved_tensors
-        n_branches = len(layer.branches)
-        needs = ctx.needs_input_grad
+        spec = ctx.spec
+        n = len(spec.geometries)
+        saved_x, masks, w0, *rest = ctx.saved_tensors
+        weights, rebuild_tensors = rest[:n], rest[n:]
+        needs = _needs(ctx, n)
+        w0_dtype, b0_dtype, weight_dtypes, bias_dtypes = ctx.grad_dtypes
         grad_x = grad_w0 = grad_b0 = None
-        grad_weights: List[Optional[torch.Tensor]] = [None] * n_branches
-        grad_biases: List[Optional[torch.Tensor]] = [None] * n_branches
-        batch = ctx.x_shape[0]
+        grad_weights: List[Optional[torch.Tensor]] = [None] * n
+        grad_biases: List[Optional[torch.Tensor]] = [None] * n
         with _autocast_off(grad_out.device.type):
-            g = grad_out.to(dtype).contiguous()
-            g2 = _rows(g)
-            tokens = g2.shape[0] // batch  # rows per sample
-            in_f, out_f = layer.in_features, layer.out_features
-            if needs[_X]:
-                with patched_weight(layer, layer._union_state(), ctx.patch, dtype) as w:
-                    grad_x = torch.mm(g2, w)
-                for k, runs in enumerate(dropped):
-                    branch = layer.branches[k]
-                    for a, b in runs:
-                        rows = slice(a * tokens, b * tokens)
-                        part = grouped.grouped_input_grad(
-                            g2[rows], branch.weight.detach().to(dtype), in_f, branch.groups,
-                            branch.shuffle, row_offset=branch.row_offset,
-                            virtual_out=branch.virtual_out)
-                        grad_x[rows].sub_(part, alpha=scale)
-                grad_x = grad_x.view(ctx.x_shape).to(ctx.x_dtype)
-            need_bias = needs[_B0] or any(needs[_BRANCHES + n_branches:])
-            if need_bias:
-                if masks is None:
-                    total = g2.sum(0, dtype=torch.float32)
-                else:
-                    # Per-sample sums: the base bias sees every sample, a branch bias its kept ones.
-                    per_sample = g.reshape(batch, -1, out_f).sum(1, dtype=torch.float32)
-                    total = per_sample.sum(0)
-                if needs[_B0]:
-                    grad_b0 = total.to(layer.base_layer.bias.dtype)
-                if any(needs[_BRANCHES + n_branches:]):
-                    # Branch k's bias sums the samples that kept it, times the 1/(1-p) scale.
-                    sums = [total] * n_branches if masks is None else \
-                        masks.t().to(per_sample) @ per_sample
-                for k in range(n_branches):
-                    if needs[_BRANCHES + n_branches + k]:
-                        grad_biases[k] = sums[k].to(layer.branches[k].bias.dtype)
-            need_w = needs[_W0] or any(needs[_BRANCHES:_BRANCHES + n_branches])
-            if need_w:
-                x_rows = _rows(saved_x.to(dtype)) if ctx.rebuild is None else \
-                    ctx.rebuild.rows(rebuild_tensors, dtype)
-            for k in range(n_branches):
-                if not needs[_BRANCHES + k]:
-                    continue
-                branch = layer.branches[k]
-                # The rows of the samples that kept branch k.
-                ranges = [(a * tokens, b * tokens) for a, b in ctx.kept[k]]
-                if ranges == []:
-                    gw = torch.zeros(branch.weight.shape, dtype=torch.float32, device=g.device)
-                else:
-                    gw = grouped.grouped_weight_grad(
-                        g2, x_rows, branch.groups, branch.shuffle, row_offset=branch.row_offset,
-                        virtual_out=branch.virtual_out, row_ranges=ranges, in_features=in_f)
-                    if scale != 1.0:
-                        gw = gw.to(torch.float32).mul_(scale)  # a fresh tensor: scaled in place
-                grad_weights[k] = gw.to(ctx.weight_dtypes[k])
-            if needs[_W0]:
-                x2 = x_rows if ctx.rebuild is None else x_rows(0, g2.shape[0])
-                grad_w0 = (g2.t() @ x2).to(layer.base_layer.weight.dtype)
-        return (None, None, None, grad_x, grad_w0, grad_b0, *grad_weights, *grad_biases)
+            g = grad_out.to(ctx.dtype).contiguous()
+            if needs.x:
+                grad_x = _input_grad(ctx, g, w0, weights).view(ctx.x_shape).to(ctx.x_dtype)
+            if needs.b0 or any(needs.biases):
+                total, per_branch = _bias_grads(g, masks, ctx.x_shape[0], n)
+                if needs.b0:
+                    grad_b0 = total.to(b0_dtype)
+                grad_biases = [per_branch[k].to(bias_dtypes[k]) if needs.biases[k] else None
+                               for k in range(n)]
+            if needs.x_rows:
+                x_rows = _rows(saved_x.to(ctx.dtype)) if ctx.rebuild is None else \
+                    ctx.rebuild.rows(rebuild_tensors, ctx.dtype)
+                grad_weights = [
+                    _branch_weight_grad(ctx, _rows(g), x_rows, k, weights[k].shape,
+                                        w0.shape[1]).to(weight_dtypes[k])
+                    if needs.weights[k] else None for k in range(n)]
+                if needs.w0:
+                    g2 = _rows(g)
+                    x2 = x_rows if ctx.rebuild is None else x_rows(0, g2.shape[0])
+                    grad_w0 = (g2.t() @ x2).to(w0_dtype)
+        return (None,) * _N_META + (grad_x, grad_w0, grad_b0, *grad_weights, *grad_biases)
 
 
-def merged_branch_linear(layer: "ConsolidatorLinear", x: torch.Tensor,
-                         masks: Optional[torch.Tensor]) -> torch.Tensor:
-    """The fast forward of ``layer`` on ``x`` (``(..., in)``) with keep ``masks`` ``(batch, K)``."""
+def _input_grad(ctx, g: torch.Tensor, w0: torch.Tensor, weights: Sequence[torch.Tensor]
+                ) -> torch.Tensor:
+    """``g W`` through the patched weight, minus ``s (B_k P_k)^T g`` on the rows of the
+    samples that dropped branch ``k``: ``(rows, in)``."""
+    spec, dtype = ctx.spec, ctx.dtype
+    g2 = _rows(g)
+    tokens = g2.shape[0] // ctx.x_shape[0]  # rows per sample
+    with patched_weight(w0, ctx.state, ctx.patch, dtype) as w:
+        grad_x = torch.mm(g2, w)
+    for k, runs in enumerate(ctx.dropped):
+        w_k = weights[k].to(dtype)
+        for a, b in runs:
+            rows = slice(a * tokens, b * tokens)
+            part = grouped.grouped_input_grad(g2[rows], w_k, w0.shape[1],
+                                              **spec.geometries[k]._asdict())
+            grad_x[rows].sub_(part, alpha=spec.scale)
+    return grad_x
+
+
+def _bias_grads(g: torch.Tensor, masks: Optional[torch.Tensor], batch: int, n: int
+                ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """fp32 ``(sum_n g, [sum_n m_k[n] g[n] for each branch k])``: the base bias sees every
+    sample, a branch bias the samples that kept it, times the ``1/(1-p)`` scale."""
+    if masks is None:
+        total = _rows(g).sum(0, dtype=torch.float32)
+        return total, [total] * n
+    per_sample = g.reshape(batch, -1, g.shape[-1]).sum(1, dtype=torch.float32)
+    return per_sample.sum(0), list(masks.t().to(per_sample) @ per_sample)
+
+
+def _branch_weight_grad(ctx, g2: torch.Tensor, x_rows, k: int, shape: torch.Size,
+                        in_features: int) -> torch.Tensor:
+    """Branch ``k``'s compact weight gradient over the rows of the samples that kept it,
+    times ``s`` (:func:`grouped.grouped_weight_grad`)."""
+    tokens = g2.shape[0] // ctx.x_shape[0]
+    ranges = [(a * tokens, b * tokens) for a, b in ctx.kept[k]]
+    if not ranges:
+        return torch.zeros(shape, dtype=torch.float32, device=g2.device)
+    gw = grouped.grouped_weight_grad(g2, x_rows, **ctx.spec.geometries[k]._asdict(),
+                                     row_ranges=ranges, in_features=in_features)
+    if ctx.spec.scale != 1.0:
+        gw = gw.to(torch.float32).mul_(ctx.spec.scale)  # a fresh tensor: scaled in place
+    return gw
+
+
+def fast_linear(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+                weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                geometries: Sequence[Geometry], masks: Optional[torch.Tensor],
+                drop_rate: float, cache: UnionCache) -> torch.Tensor:
+    """``x W0^T + b0 + sum_k m_k (B_k P_k x + c_k)`` through one merged-weight GEMM, for ``x``
+    of shape ``(..., in)`` and keep ``masks`` ``(batch, K)`` (``None``: every branch kept,
+    unscaled). ``cache`` holds the union of the supports of this ``W0``."""
     squeeze = x.dim() == 1
     if squeeze:
         x = x.unsqueeze(0)
-    base = layer.base_layer
-    params = [b.weight for b in layer.branches] + [b.bias for b in layer.branches]
     rebuild = None
-    if torch.is_grad_enabled() and (base.weight.requires_grad or
-                                    any(b.weight.requires_grad for b in layer.branches)):
+    if torch.is_grad_enabled() and (w0.requires_grad or any(w.requires_grad for w in weights)):
         rebuild = InputRebuild.of(x)
-    y = _MergedBranchLinear.apply(layer, masks, rebuild, x, base.weight, base.bias, *params)
+    spec = _Spec(tuple(geometries), 1.0 / (1.0 - drop_rate) if masks is not None else 1.0)
+    y = _MergedBranchLinear.apply(spec, cache.get(w0, spec.geometries), rebuild, masks, x, w0,
+                                  b0, *weights, *biases)
     return y.squeeze(0) if squeeze else y
