@@ -15,15 +15,12 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._io import atomic_save_safetensors, load_safetensors, resolve_file
-from .config import FORMAT_VERSION, WEIGHTS_NAME, ConsolidatorConfig
+from ._io import load_safetensors, resolve_file
+from .config import WEIGHTS_NAME, ConsolidatorConfig
 from .drop_path import BackboneDropPath, add_backbone_drop_path
 from .layer import ConsolidatorLinear, merge_is_finite
-from .targets import (default_target_modules, is_norm, linear_names, name_matches, qkv_modules,
-                      rename_4_to_5)
-
-_ADAPTER_FORMAT = "consolidator_hf"
-
+from .storage import check_metadata, match_adapter_keys, write_adapter_file
+from .targets import default_target_modules, is_norm, linear_names, name_matches, qkv_modules
 
 def _matches(name: str, spec: Union[List[str], str]) -> bool:
     if isinstance(spec, str):
@@ -403,16 +400,8 @@ class ConsolidatorModel(nn.Module):
         layer bias; ``consolidate=False`` stores the raw branches (exact training state, for
         checkpoints). Frozen backbone tensors are never written.
         """
-        tensors = self._adapter_tensors(consolidate)
-        model_type = getattr(getattr(self.base_model, "config", None), "model_type", "") or ""
-        metadata = {
-            "format": _ADAPTER_FORMAT,
-            "format_version": str(FORMAT_VERSION),
-            "consolidated": "true" if consolidate else "false",
-            "model_type": model_type,
-        }
-        os.makedirs(save_directory, exist_ok=True)
-        atomic_save_safetensors(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata)
+        write_adapter_file(save_directory, self._adapter_tensors(consolidate), self._model_type(),
+                           consolidated=consolidate)
         self.consolidator_config.save_pretrained(save_directory)
 
     @classmethod
@@ -441,42 +430,18 @@ class ConsolidatorModel(nn.Module):
             wrapped.eval()
         return wrapped
 
+    def _model_type(self) -> str:
+        return getattr(getattr(self.base_model, "config", None), "model_type", "") or ""
+
     @torch.no_grad()
     def load_adapter_state(self, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
                            source: str = "adapter") -> None:
         """Load tensors written by :meth:`save_pretrained` (either storage form)."""
-        if metadata.get("format") != _ADAPTER_FORMAT:
-            raise ValueError(f"{source}: not a consolidator_hf adapter file (metadata "
-                             f"format={metadata.get('format')!r})")
-        consolidated = metadata.get("consolidated") == "true"
-        model_type = getattr(getattr(self.base_model, "config", None), "model_type", "") or ""
-        saved_type = metadata.get("model_type", "")
-        if saved_type and model_type and saved_type != model_type:
-            raise ValueError(f"{source}: adapter was saved for model_type={saved_type!r}, the base "
-                             f"model is {model_type!r}")
+        model_type = self._model_type()
+        consolidated = check_metadata(metadata, model_type, source)
         expected = self._adapter_tensors(consolidate=consolidated)
-        # Accept keys written under transformers 4.x module names as well as 5.x ones.
-        canon = {rename_4_to_5(k, model_type): k for k in expected}
-        remapped: Dict[str, torch.Tensor] = {}
-        unknown = []
-        for key, value in tensors.items():
-            target = canon.get(rename_4_to_5(key, model_type))
-            if target is None:
-                unknown.append(key)
-            else:
-                remapped[target] = value
-        missing = sorted(set(expected) - set(remapped))
-        if unknown or missing:
-            raise ValueError(
-                f"{source}: adapter does not match the base model "
-                f"({type(self.base_model).__name__}); unexpected keys: {sorted(unknown)[:10]}"
-                f"{' ...' if len(unknown) > 10 else ''}; missing keys: {missing[:10]}"
-                f"{' ...' if len(missing) > 10 else ''}"
-            )
-        for key, value in remapped.items():
-            if not key.endswith(".delta") and value.shape != expected[key].shape:
-                raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the base model "
-                                 f"expects {tuple(expected[key].shape)}")
+        remapped = match_adapter_keys(tensors, expected, model_type, source,
+                                      type(self.base_model).__name__)
         layers = dict(self.consolidator_layers())
         params = {n.replace(".base_layer.", "."): p for n, p in self.base_model.named_parameters()}
         # Deltas first: splitting a delta zeroes the branch biases, which a stored bias may refill.
