@@ -111,6 +111,10 @@ def test_folder_contents_and_card(folders, graph):
                    "224×224", "scripts/convert_dinov2_onnx.py --output OUT --image-size 224 --arch vit",
                    info["source_sha256"]):
         assert needle in card, needle
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(os.path.join(folder, "README.md")).data
+    assert data.license == "mit" and data.library_name == "transformers"
 
 
 def test_layerscale_folded_and_grid_resampled_bicubic(graph):
