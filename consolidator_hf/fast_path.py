@@ -10,12 +10,13 @@ instead, so a layer costs one GEMM, like a plain ``nn.Linear``::
 
     y = x W^T + b,   W = W0 + s sum_k D_k,   b = b0 + s sum_k c_k
 
-with ``s = 1/(1-p)`` in training with drop (1 otherwise). A sample that dropped branch ``k``
-then has that branch taken back out of its rows, ``y[rows] -= s (B_k P_k x[rows] + c_k)``,
-through the block structure (:func:`grouped.grouped_forward_blocks`: a few small matmuls on
-those rows only), so the drop semantics hold per sample and per branch (a dropped row is
-``x W^T - s B_k P_k x`` rather than ``x W0^T``: equal up to fp32 rounding) and the big GEMM is
-never split.
+with ``s = 1/(1-p)`` in training with drop (1 otherwise). The per-sample drop is then a
+correction over all rows, ``y += sum_k (m_k[n] - s) (B_k P_k x + c_k)`` (``m_k`` the sample's
+keep factor, ``1/(1-p)`` or 0, drawn on the device), through the block structure
+(:func:`grouped.grouped_forward_blocks`: a few small batched matmuls). The masks only ever scale
+rows: no host read, no data-dependent shape, the big GEMM is never split, and the semantics hold
+per sample and per branch (a dropped row is ``x W^T - s B_k P_k x`` rather than ``x W0^T``:
+equal up to fp32 rounding).
 
 ``W`` differs from ``W0`` only on the union of the branches' supports (``out * in/g``
 entries per branch), so it is never built as a new dense matrix: the values ``W`` takes
@@ -27,11 +28,10 @@ the input gradient instead of keeping a dense weight per layer alive.
 
 Gradients (``g`` the output gradient, ``m_k`` the per-sample mask, ``1/(1-p)`` or 0):
 
-* input: ``g W`` (the same GEMM a frozen ``nn.Linear`` pays), minus
-  ``s (B_k P_k)^T g[rows]`` on the rows that dropped branch ``k``
-  (:func:`grouped.grouped_input_grad`);
-* branch weight ``k``: :func:`grouped.grouped_weight_grad` over the rows that kept branch
-  ``k``, times ``s``: batched matmuls over the groups, never a dense ``(out, in)`` gradient;
+* input: ``g W`` (the same GEMM a frozen ``nn.Linear`` pays), plus
+  ``(B_k P_k)^T ((m_k - s) g)`` with drop (:func:`grouped.grouped_input_grad`);
+* branch weight ``k``: :func:`grouped.grouped_weight_grad` of ``m_k g`` (``g`` without drop):
+  batched matmuls over the groups, never a dense ``(out, in)`` gradient;
 * base bias: ``sum_n g``; branch bias ``k``: ``sum_n m_k[n] g[n]``;
 * ``W0`` (only if someone unfroze it): the dense ``g^T x``.
 
@@ -41,6 +41,11 @@ LayerNorm, fc2 reads the GELU: most of a ViT's adapted inputs), that op has alre
 rebuilds ``x`` exactly, so :class:`InputRebuild` keeps references to those tensors (no new
 memory) and rebuilds ``x`` in backward. Other inputs are saved as they are (the attention
 output that o_proj reads is a view of a tensor the attention kernel saved anyway).
+
+Under ``torch.compile`` none of this eager machinery runs (it reads autograd nodes, data
+pointers and patches a weight in place): :func:`traceable_linear` writes the same formula as
+plain ops that dynamo captures in the model's graph; the compiler then derives the backward and
+decides what to keep.
 """
 
 from __future__ import annotations
@@ -305,16 +310,15 @@ def _needs(ctx, n_branches: int) -> _Needs:
                   tuple(flags[3 + n_branches:3 + 2 * n_branches]))
 
 
-def _runs(flags: List[bool]) -> List[Tuple[int, int]]:
-    """``[start, stop)`` of every maximal run of ``True`` in ``flags``."""
-    runs, start = [], None
-    for i, f in enumerate(flags + [False]):
-        if f and start is None:
-            start = i
-        elif not f and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
+def _per_sample(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """``t`` (``(batch, ...)``, any number of token dims) as ``(batch, rows per sample, last)``."""
+    return t.reshape(batch, -1, t.shape[-1])
+
+
+def _correction_factors(masks: torch.Tensor, scale: float) -> torch.Tensor:
+    """``m_k[n] - s`` as ``(K, batch, 1, 1)``: what turns the merged ``s * branch`` of every row
+    into the sample's own ``m_k * branch`` (``-s`` where it dropped the branch, 0 where it kept)."""
+    return (masks.t() - scale)[:, :, None, None]
 
 
 class _MergedBranchLinear(torch.autograd.Function):
@@ -327,26 +331,23 @@ class _MergedBranchLinear(torch.autograd.Function):
         n = len(spec.geometries)
         weights, biases = branch_params[:n], branch_params[n:]
         dtype = _compute_dtype(x)
-        # Per branch, the runs of samples that kept it and that dropped it (no masks: all kept).
-        if masks is None:
-            kept = [[(0, x.shape[0])] for _ in range(n)]
-            dropped: List[List[Tuple[int, int]]] = [[] for _ in range(n)]
-        else:
-            columns = (masks > 0).t().tolist()  # masks live on the CPU: no device sync
-            kept = [_runs(column) for column in columns]
-            dropped = [_runs([not keep for keep in column]) for column in columns]
+        batch = x.shape[0]
         with _autocast_off(x.device.type):
             xc = x.to(dtype).contiguous()
             values, bias = _patch(state, b0, weights, biases, spec.scale, dtype)
             with patched_weight(w0, state, values, dtype) as w:
                 y = F.linear(xc, w, bias)
-            for k, runs in enumerate(dropped):
-                geom, w_k, c_k = spec.geometries[k], weights[k].detach().to(dtype), biases[k]
-                for a, b in runs:  # take branch k back out of the samples that dropped it
-                    part = grouped.grouped_forward_blocks(_rows(xc[a:b]), w_k, **geom._asdict())
-                    if c_k is not None:
-                        part = part + c_k.detach().to(dtype)
-                    _rows(y[a:b]).sub_(part, alpha=spec.scale)
+            if masks is not None:
+                # Every row holds s * branch k; a sample's own is m_k * branch k. The difference
+                # goes over all rows (per-sample factors, no host decision, fixed shapes).
+                factors = _correction_factors(masks, spec.scale).to(dtype)
+                y_rows = _per_sample(y, batch)
+                for k, geom in enumerate(spec.geometries):
+                    part = grouped.grouped_forward_blocks(_rows(xc), weights[k].detach().to(dtype),
+                                                          **geom._asdict())
+                    if biases[k] is not None:
+                        part = part.add_(biases[k].detach().to(dtype))
+                    y_rows.addcmul_(_per_sample(part, batch), factors[k])
         needs = _needs(ctx, n)
         if not needs.x_rows and rebuild is not None:
             rebuild.release()
@@ -355,7 +356,7 @@ class _MergedBranchLinear(torch.autograd.Function):
         saved_x = xc if needs.x_rows and rebuild is None else None
         ctx.save_for_backward(saved_x, masks, w0, *weights,
                               *(rebuild.tensors if rebuild is not None else ()))
-        ctx.spec, ctx.state, ctx.dtype, ctx.kept, ctx.dropped = spec, state, dtype, kept, dropped
+        ctx.spec, ctx.state, ctx.dtype = spec, state, dtype
         ctx.patch, ctx.rebuild = values, rebuild
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.grad_dtypes = (w0.dtype, b0.dtype if b0 is not None else None,
@@ -377,7 +378,7 @@ class _MergedBranchLinear(torch.autograd.Function):
         with _autocast_off(grad_out.device.type):
             g = grad_out.to(ctx.dtype).contiguous()
             if needs.x:
-                grad_x = _input_grad(ctx, g, w0, weights).view(ctx.x_shape).to(ctx.x_dtype)
+                grad_x = _input_grad(ctx, g, masks, w0, weights).view(ctx.x_shape).to(ctx.x_dtype)
             if needs.b0 or any(needs.biases):
                 total, per_branch = _bias_grads(g, masks, ctx.x_shape[0], n)
                 if needs.b0:
@@ -388,8 +389,7 @@ class _MergedBranchLinear(torch.autograd.Function):
                 x_rows = _rows(saved_x.to(ctx.dtype)) if ctx.rebuild is None else \
                     ctx.rebuild.rows(rebuild_tensors, ctx.dtype)
                 grad_weights = [
-                    _branch_weight_grad(ctx, _rows(g), x_rows, k, weights[k].shape,
-                                        w0.shape[1]).to(weight_dtypes[k])
+                    _branch_weight_grad(ctx, g, masks, x_rows, k, w0.shape[1]).to(weight_dtypes[k])
                     if needs.weights[k] else None for k in range(n)]
                 if needs.w0:
                     g2 = _rows(g)
@@ -398,22 +398,21 @@ class _MergedBranchLinear(torch.autograd.Function):
         return (None,) * _N_META + (grad_x, grad_w0, grad_b0, *grad_weights, *grad_biases)
 
 
-def _input_grad(ctx, g: torch.Tensor, w0: torch.Tensor, weights: Sequence[torch.Tensor]
-                ) -> torch.Tensor:
-    """``g W`` through the patched weight, minus ``s (B_k P_k)^T g`` on the rows of the
-    samples that dropped branch ``k``: ``(rows, in)``."""
+def _input_grad(ctx, g: torch.Tensor, masks: Optional[torch.Tensor], w0: torch.Tensor,
+                weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``g W`` through the patched weight, plus ``(B_k P_k)^T ((m_k - s) g)`` per branch when
+    samples drop (the transpose of the forward's correction): ``(rows, in)``."""
     spec, dtype = ctx.spec, ctx.dtype
     g2 = _rows(g)
-    tokens = g2.shape[0] // ctx.x_shape[0]  # rows per sample
     with patched_weight(w0, ctx.state, ctx.patch, dtype) as w:
         grad_x = torch.mm(g2, w)
-    for k, runs in enumerate(ctx.dropped):
-        w_k = weights[k].to(dtype)
-        for a, b in runs:
-            rows = slice(a * tokens, b * tokens)
-            part = grouped.grouped_input_grad(g2[rows], w_k, w0.shape[1],
-                                              **spec.geometries[k]._asdict())
-            grad_x[rows].sub_(part, alpha=spec.scale)
+    if masks is not None:
+        batch = ctx.x_shape[0]
+        factors = _correction_factors(masks, spec.scale).to(dtype)
+        for k, geom in enumerate(spec.geometries):
+            g_k = _rows(_per_sample(g, batch) * factors[k])
+            grad_x.add_(grouped.grouped_input_grad(g_k, weights[k].to(dtype), w0.shape[1],
+                                                   **geom._asdict()))
     return grad_x
 
 
@@ -428,19 +427,67 @@ def _bias_grads(g: torch.Tensor, masks: Optional[torch.Tensor], batch: int, n: i
     return per_sample.sum(0), list(masks.t().to(per_sample) @ per_sample)
 
 
-def _branch_weight_grad(ctx, g2: torch.Tensor, x_rows, k: int, shape: torch.Size,
+def _branch_weight_grad(ctx, g: torch.Tensor, masks: Optional[torch.Tensor], x_rows, k: int,
                         in_features: int) -> torch.Tensor:
-    """Branch ``k``'s compact weight gradient over the rows of the samples that kept it,
-    times ``s`` (:func:`grouped.grouped_weight_grad`)."""
-    tokens = g2.shape[0] // ctx.x_shape[0]
-    ranges = [(a * tokens, b * tokens) for a, b in ctx.kept[k]]
-    if not ranges:
-        return torch.zeros(shape, dtype=torch.float32, device=g2.device)
-    gw = grouped.grouped_weight_grad(g2, x_rows, **ctx.spec.geometries[k]._asdict(),
-                                     row_ranges=ranges, in_features=in_features)
-    if ctx.spec.scale != 1.0:
-        gw = gw.to(torch.float32).mul_(ctx.spec.scale)  # a fresh tensor: scaled in place
-    return gw
+    """Branch ``k``'s compact weight gradient :func:`grouped.grouped_weight_grad` of the output
+    gradient times the sample's ``m_k`` (``1/(1-p)`` or 0; 1 without drop)."""
+    if masks is not None:
+        batch = ctx.x_shape[0]
+        g = _per_sample(g, batch) * masks[:, k].to(g.dtype)[:, None, None]
+    return grouped.grouped_weight_grad(_rows(g), x_rows, **ctx.spec.geometries[k]._asdict(),
+                                       in_features=in_features)
+
+
+# ------------------------------------------------------------------ under torch.compile
+def branch_product(x: torch.Tensor, weight: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """``B P x`` for ``x`` ``(n, in)`` as one broadcast multiply and a sum over each block's
+    ``s = in/g`` columns: plain ops with fixed shapes that a compiler fuses into one
+    memory-bound kernel per direction (no gather, so no scatter-add in backward; eager it would
+    materialise ``(n, out, s)``, which is why the eager path uses the batched block matmuls).
+
+    With ``rows = virtual_out/g``, the layer's rows ``[row_offset, row_offset + out)`` lie in
+    groups ``first..last`` of the virtual layer; the weight is padded with ``lead``/``trail`` zero
+    rows to whole groups, ``y[n, q, r] = sum_j w[q, r, j] x'[n, q*s + j]``, then cut back.
+    """
+    n, in_features = x.shape
+    out_features = weight.shape[0]
+    g, offset = geometry.groups, geometry.row_offset
+    vout = geometry.virtual_out_features or out_features
+    rows, s = vout // g, in_features // g
+    first, last = offset // rows, (offset + out_features - 1) // rows + 1
+    lead, trail = offset - first * rows, last * rows - (offset + out_features)
+    xs = grouped.channel_shuffle(x, g) if geometry.channel_shuffle else x
+    xs = xs[:, first * s:last * s].reshape(n, last - first, 1, s)
+    w = F.pad(weight, (0, 0, lead, trail)) if lead or trail else weight
+    y = (xs * w.reshape(last - first, rows, s)).sum(-1).reshape(n, -1)
+    return y[:, lead:lead + out_features] if lead or trail else y
+
+
+def traceable_linear(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+                     weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                     geometries: Sequence[Geometry], masks: Optional[torch.Tensor]
+                     ) -> torch.Tensor:
+    """The layer as plain differentiable ops, what runs under ``torch.compile``::
+
+        y = x W0^T + b0 + sum_k m_k * (B_k P_k x + c_k)
+
+    (``m_k`` the per-sample factor of ``masks[:, k]``, 1 without masks). No autograd Function,
+    no in-place patch, no host read: dynamo traces it into the model's graph, AOTAutograd derives
+    the backward, and its partitioner decides whether the layer input is kept or recomputed from
+    what its LayerNorm/GELU saved (the eager path's :class:`InputRebuild`, done by the compiler).
+    """
+    y = F.linear(x, w0, b0)
+    x2 = _rows(x)
+    batch = x.shape[0] if x.dim() > 1 else 1
+    for k, geom in enumerate(geometries):
+        part = branch_product(x2, weights[k].to(x2.dtype), geom)
+        if biases[k] is not None:
+            part = part + biases[k].to(part.dtype)
+        part = part.reshape(y.shape)
+        if masks is not None:
+            part = part * masks[:, k].to(part.dtype).reshape(batch, *([1] * (y.dim() - 1)))
+        y = y + part.to(y.dtype)
+    return y
 
 
 def fast_linear(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
@@ -450,6 +497,8 @@ def fast_linear(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
     """``x W0^T + b0 + sum_k m_k (B_k P_k x + c_k)`` through one merged-weight GEMM, for ``x``
     of shape ``(..., in)`` and keep ``masks`` ``(batch, K)`` (``None``: every branch kept,
     unscaled). ``cache`` holds the union of the supports of this ``W0``."""
+    if torch.compiler.is_compiling():
+        return traceable_linear(x, w0, b0, weights, biases, geometries, masks)
     squeeze = x.dim() == 1
     if squeeze:
         x = x.unsqueeze(0)

@@ -274,11 +274,12 @@ def keep_mask(
     return keep.to(dtype) / (1.0 - drop_rate)
 
 
-def keep_masks(batch: int, branches: int, drop_rate: float, *,
+def keep_masks(batch: int, branches: int, drop_rate: float, *, device=None,
                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """``branches`` per-sample masks at once, ``(batch, branches)`` fp32 on the CPU: column ``k``
-    holds the numbers of the ``k``-th of as many consecutive :func:`keep_mask` draws."""
-    keep = torch.rand(branches, batch, generator=generator) >= drop_rate
+    """``branches`` per-sample masks at once, ``(batch, branches)`` fp32 on ``device`` (default
+    the CPU): column ``k`` holds the numbers of the ``k``-th of as many consecutive
+    :func:`keep_mask` draws on that device."""
+    keep = torch.rand(branches, batch, device=device, generator=generator) >= drop_rate
     return keep.t().to(torch.float32) / (1.0 - drop_rate)
 
 

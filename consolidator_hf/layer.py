@@ -139,37 +139,38 @@ class ConsolidatorLinear(nn.Module):
             return self.forward_fast(x)
         return self.forward_reference(x)
 
-    def draw_masks(self, batch: int) -> Optional[torch.Tensor]:
-        """Per-sample keep masks ``(batch, K)`` (``1/(1-p)`` or 0) on the CPU, or ``None`` when
-        nothing drops.
+    def draw_masks(self, batch: int, device=None) -> Optional[torch.Tensor]:
+        """Per-sample keep masks ``(batch, K)`` (``1/(1-p)`` or 0) on ``device``, or ``None``
+        when nothing drops.
 
         The same numbers as K consecutive :func:`grouped.keep_mask` draws, one per branch in
         order (what the reference path draws), so both paths see identical masks under the same
-        seed. They come from the CPU generator on every device: the fast path needs to know on
-        the host which samples dropped a branch, and reading that back from a GPU would
-        synchronise once per layer.
+        seed. They are drawn where the layer computes and only ever enter arithmetic (a
+        per-sample scale), never a host decision: no device synchronisation, no data-dependent
+        shapes, nothing for ``torch.compile`` to recompile on.
         """
         if not (self.training and self.drop_rate > 0):
             return None
-        return grouped.keep_masks(batch, len(self.branches), self.drop_rate)
+        return grouped.keep_masks(batch, len(self.branches), self.drop_rate, device=device)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """Same result as :meth:`forward_reference` through one merged-weight GEMM.
 
-        Samples sharing a keep pattern share one weight ``W0 + sum_{k kept} D_k / (1-p)``;
-        the backward pass computes branch-weight gradients from the block structure
+        Eager: one GEMM through ``W0 + s sum_k D_k`` plus per-sample drop corrections, and a
+        block-structured backward; under ``torch.compile``: the same formula as plain traceable
+        ops
         (see :mod:`consolidator_hf.fast_path`).
         """
         base = self.base_layer
+        masks = self.draw_masks(x.shape[0] if x.dim() > 1 else 1, x.device)
         return fast_linear(x, base.weight, base.bias, [b.weight for b in self.branches],
-                           [b.bias for b in self.branches], self.geometries,
-                           self.draw_masks(x.shape[0] if x.dim() > 1 else 1), self.drop_rate,
-                           self._union_cache)
+                           [b.bias for b in self.branches], self.geometries, masks,
+                           self.drop_rate, self._union_cache)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """DESIGN.md section 1 literally: base, plus each branch times its per-sample mask."""
         y = self.base_layer(x)
-        masks = self.draw_masks(x.shape[0])
+        masks = self.draw_masks(x.shape[0], x.device)
         for k, branch in enumerate(self.branches):
             out = branch(x)
             if masks is not None:

@@ -10,7 +10,10 @@ Training configurations (each in its own worker process, so peak memory is its o
   backbone is paid anyway, so this is the cost to beat;
 * ``consolidator_fast`` / ``consolidator_reference``: ``ConsolidatorConfig(impl=...)``;
 * ``full_ft``: every parameter trains;
-* ``lora_r8_qv``: PEFT LoRA r=8 on the q and v projections plus the head (if peft is installed).
+* ``lora_r8_qv``: PEFT LoRA r=8 on the q and v projections plus the head (if peft is installed);
+* with ``--compile``: ``floor_compiled``, ``consolidator_fast_compiled``, ``lora_r8_qv_compiled``,
+  the same models under ``torch.compile`` (compiled during the warm-up; the compile time is
+  reported), side by side with the eager rows and also compared with ``floor_compiled``.
 
 The workers stay alive while the main process asks each for one training step in turn
 (forward, backward, AdamW step), rotating the order every repeat, so a load spike on a shared
@@ -54,6 +57,10 @@ import time
 from typing import Any, Dict, List, Optional
 
 TRAIN_CONFIGS = ["floor", "consolidator_fast", "consolidator_reference", "full_ft", "lora_r8_qv"]
+# --compile adds these: the same models under torch.compile (default inductor), compiled in the
+# warm-up steps; their ratios are also given against floor_compiled.
+COMPILED_CONFIGS = ["floor_compiled", "consolidator_fast_compiled", "lora_r8_qv_compiled"]
+COMPILED = "_compiled"
 
 MODEL_SIZES: Dict[str, Dict[str, int]] = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -198,8 +205,12 @@ def train_worker(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model = build_train_model(args.worker, args.model_size).to(device).train()
+    compiled = args.worker.endswith(COMPILED)
+    model = build_train_model(args.worker[:-len(COMPILED)] if compiled else args.worker,
+                              args.model_size).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
+    if compiled:
+        model = torch.compile(model)
     opt = torch.optim.AdamW(params, lr=1e-4)
     size = MODEL_SIZES[args.model_size]["image_size"]
     g = torch.Generator().manual_seed(1)
@@ -226,12 +237,16 @@ def train_worker(args: argparse.Namespace) -> None:
         torch.cuda.reset_peak_memory_stats(device)
         alloc0 = torch.cuda.memory_allocated(device)
     peak = RssPeak()
+    compile_s = None
     with peak:
-        for _ in range(args.warmup):
-            step()
+        for i in range(max(args.warmup, 2 if compiled else 0)):
+            t = step()
+            if i == 0 and compiled:
+                compile_s = t["step_s"]  # the first step compiles forward and backward
     # After the warm-up steps, so that the peak RSS above is a training step's.
     saved = saved_activation_bytes(model, x, y, params)
-    _send({"ready": True, "trainable_params": sum(p.numel() for p in params)})
+    _send({"ready": True, "trainable_params": sum(p.numel() for p in params),
+           "compile_s": compile_s})
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "step":
@@ -409,7 +424,9 @@ def run_training(args: argparse.Namespace, configs: List[str]) -> Dict[str, Dict
     results: Dict[str, Dict[str, Any]] = {}
     try:
         for c, p in procs.items():
-            results[c] = {"trainable_params": _ask(p, None, c)["trainable_params"],
+            ready = _ask(p, None, c)
+            results[c] = {"trainable_params": ready["trainable_params"],
+                          "compile_s": ready.get("compile_s"),
                           "step_s_all": [], "step_cpu_s_all": [], "page_faults_all": []}
         for r in range(args.repeats):
             order = configs[r % len(configs):] + configs[:r % len(configs)]
@@ -445,6 +462,14 @@ def run_training(args: argparse.Namespace, configs: List[str]) -> Dict[str, Dict
         res["saved_activation_ratio_to_floor"] = \
             res["saved_activation_bytes"] / floor["saved_activation_bytes"]
         res["page_faults_per_step"] = statistics.median(res["page_faults_all"])
+    if "floor_compiled" in results:
+        fc = results["floor_compiled"]
+        for c, res in results.items():
+            if c.endswith(COMPILED):
+                res["time_ratio_to_floor_compiled"] = res["step_s"] / fc["step_s"]
+                res["cpu_time_ratio_to_floor_compiled"] = res["step_cpu_s"] / fc["step_cpu_s"]
+                res["saved_activation_ratio_to_floor_compiled"] = \
+                    res["saved_activation_bytes"] / fc["saved_activation_bytes"]
     return results
 
 
@@ -461,17 +486,28 @@ def markdown_table(report: Dict[str, Any]) -> str:
                      f"{r['saved_activation_bytes'] / 2**20:.1f} | "
                      f"{r['saved_activation_ratio_to_floor']:.3f} | "
                      f"{r['page_faults_per_step']:,.0f} |")
+    compiled = {c: r for c, r in report["train"].items() if "time_ratio_to_floor_compiled" in r}
+    if compiled:
+        lines += ["", "| compiled configuration | compile (s) | step time (s) | × floor compiled | "
+                      "step CPU time × floor compiled | saved activations × floor compiled |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for c, r in compiled.items():
+            lines.append(f"| {c} | {r['compile_s']:.0f} | {r['step_s']:.3f} | "
+                         f"{r['time_ratio_to_floor_compiled']:.3f} | "
+                         f"{r['cpu_time_ratio_to_floor_compiled']:.3f} | "
+                         f"{r['saved_activation_ratio_to_floor_compiled']:.3f} |")
     inf = report["inference"]
     t = inf["inference_s"]
     lines += ["", "| inference (batch) | time (s) | × plain |", "| --- | ---: | ---: |"]
     for k in ("plain", "merged", "unmerged"):
         lines.append(f"| {k} | {t[k]:.3f} | {t[k] / t['plain']:.3f} |")
     o = inf["layer_overhead_us"]
-    lines += ["", "| host time per adapted layer, fwd+bwd (64 features, 32 rows) | µs | extra "
-                  f"per step ({inf['adapted_layers']} layers), ms |", "| --- | ---: | ---: |"]
+    lines += ["", "| host time per adapted layer, fwd+bwd (64 features, 32 rows) | µs | × plain | "
+                  f"extra per step ({inf['adapted_layers']} layers), ms |",
+              "| --- | ---: | ---: | ---: |"]
     for k in ("plain", "fast", "reference"):
         extra = (o[k] - o["plain"]) * inf["adapted_layers"] / 1e3
-        lines.append(f"| {k} | {o[k]:.0f} | {extra:.1f} |")
+        lines.append(f"| {k} | {o[k]:.0f} | {o[k] / o['plain']:.2f} | {extra:.1f} |")
     lines += ["", f"merge_and_unload of the whole model: {inf['merge_s']:.3f} s; "
                   f"adapter file: {inf['adapter_file_bytes']:,} bytes "
                   f"({inf['stored_params']:,} stored params); merged vs unmerged max |Δlogit| "
@@ -530,8 +566,10 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads per worker")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--configs", nargs="+", choices=TRAIN_CONFIGS, default=TRAIN_CONFIGS,
-                   help="training configurations (floor is always included)")
+    p.add_argument("--configs", nargs="+", choices=TRAIN_CONFIGS + COMPILED_CONFIGS,
+                   default=TRAIN_CONFIGS, help="training configurations (floor is always included)")
+    p.add_argument("--compile", action="store_true",
+                   help="also run " + ", ".join(COMPILED_CONFIGS) + " (torch.compile)")
     p.add_argument("--allocator", choices=["tuned", "system"], default="tuned",
                    help="glibc malloc settings of the workers (see the module docstring)")
     p.add_argument("--output-dir", default="bench_out")
@@ -547,12 +585,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         return {}
 
     configs = ["floor"] + [c for c in args.configs if c != "floor"]
+    if args.compile:
+        configs += [c for c in COMPILED_CONFIGS if c not in configs]
+    if any(c.endswith(COMPILED) for c in configs) and "floor_compiled" not in configs:
+        configs.append("floor_compiled")
     notes = []
     from consolidator_hf.training import peft_available
 
-    if "lora_r8_qv" in configs and not peft_available():
-        configs.remove("lora_r8_qv")
-        notes.append("peft is not installed: LoRA skipped")
+    if not peft_available():
+        for c in ("lora_r8_qv", "lora_r8_qv_compiled"):
+            if c in configs:
+                configs.remove(c)
+                notes.append(f"peft is not installed: {c} skipped")
     report: Dict[str, Any] = {"args": {k: v for k, v in vars(args).items() if k != "worker"},
                               "machine": machine_info(args), "notes": notes}
     report["train"] = run_training(args, configs)

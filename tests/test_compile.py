@@ -1,0 +1,162 @@
+"""The default training path under ``torch.compile`` and without host reads: one graph, no
+recompiles with fresh drop masks, the reference's gradients (fp32 and bf16 autocast), and no
+device synchronisation inside a training step."""
+
+import pytest
+import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from consolidator_hf import ConsolidatorConfig, ConsolidatorLinear, get_consolidator_model
+from consolidator_hf import fast_path
+from tiny import pixels, tiny_deit, tiny_dinov2, tiny_vit
+
+FAMILIES = {"vit": tiny_vit, "deit": tiny_deit, "dinov2": tiny_dinov2}
+
+
+def _model(build, drop_rate: float, groups=(16,)):
+    return get_consolidator_model(build(), ConsolidatorConfig(
+        groups=groups, drop_rate=drop_rate, init_range=0.05)).train()
+
+
+def _grads(model, forward, px, seed: int = 5):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = forward(px).float()
+    (out * torch.linspace(-1.0, 2.0, out.numel()).view_as(out)).sum().backward()
+    return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _reference_grads(model, px, seed: int = 5):
+    for _, layer in model.consolidator_layers():
+        layer.impl = "reference"
+    try:
+        return _grads(model, lambda x: model(pixel_values=x).logits, px, seed)
+    finally:
+        for _, layer in model.consolidator_layers():
+            layer.impl = "fast"
+
+
+def _assert_close(got, ref, rel: float) -> None:
+    assert got.keys() == ref.keys() and ref
+    for name, g in ref.items():
+        # k_proj's bias gradients are zero up to rounding (softmax ignores a per-key shift):
+        # the bound is relative to the largest gradient of the model, not of that tensor.
+        scale = max(r.abs().max().item() for r in ref.values())
+        err = (got[name] - g).abs().max().item()
+        assert err <= rel * max(g.abs().max().item(), 1e-2 * scale), (name, err)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+def test_training_forward_is_one_graph(family, drop_rate):
+    """Default impl, training mode: dynamo captures the whole forward with no graph break."""
+    model = _model(FAMILIES[family], drop_rate)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda x: model(pixel_values=x).logits)(pixels(2))
+    assert explained.graph_break_count == 0, [str(b.reason) for b in explained.break_reasons]
+    assert explained.graph_count == 1
+
+
+def test_compiled_steps_with_fresh_masks_do_not_recompile_and_match_reference():
+    """20 compiled training steps (forward, backward, AdamW) with a fresh drop draw each step
+    compile once; the first step's gradients are the reference's under the same seed
+    (aot_eager keeps eager's RNG stream, so the masks are the same numbers)."""
+    model = _model(tiny_vit, 0.3, groups=(16, 8))
+    px = pixels(4)
+    ref = _reference_grads(model, px)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    got = _grads(model, lambda x: compiled(pixel_values=x).logits, px)
+    _assert_close(got, ref, 1e-5)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    for _ in range(20):
+        opt.zero_grad()
+        compiled(pixel_values=px).logits.square().sum().backward()
+        opt.step()
+    assert counter.frame_count == 1
+
+
+def test_traceable_formula_equals_reference_float64():
+    """The formulation the compiler sees (broadcast block products, per-sample factors) is the
+    reference forward, in float64, on every geometry the eager path is tested on."""
+    cases = [(12, 24, (4,), 0, None), (12, 24, (4, 2), 0, None), (12, 12, (3,), 12, 36),
+             (12, 24, (6, 2), 12, 36), (12, 10, (1,), 5, 30)]
+    for in_f, out_f, groups, offset, vout in cases:
+        for shuffle in (False, True):
+            base = nn.Linear(in_f, out_f).double()
+            layer = ConsolidatorLinear(base, groups, channel_shuffle=shuffle, drop_rate=0.5,
+                                       init_range=0.3, row_offset=offset,
+                                       virtual_out_features=vout).double().train()
+            x = torch.randn(5, 7, in_f, dtype=torch.float64)
+            torch.manual_seed(3)
+            ref = layer.forward_reference(x)
+            torch.manual_seed(3)
+            masks = layer.draw_masks(5).double()
+            got = fast_path.traceable_linear(
+                x, base.weight, base.bias, [b.weight for b in layer.branches],
+                [b.bias for b in layer.branches], layer.geometries, masks)
+            torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+def test_inductor_gradients_match_reference(autocast):
+    """torch.compile (inductor) of the default path gives the reference's gradients: fp32 to
+    1e-4, bf16 autocast within bf16 tolerance (merges and sums in fp32 either way)."""
+    model = _model(tiny_vit, 0.0, groups=(16, 8))
+    px = pixels(4)
+    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else \
+        (lambda: torch.autocast("cpu", enabled=False))
+    with ctx():
+        ref = _reference_grads(model, px)
+    torch._dynamo.reset()
+    compiled = torch.compile(model)
+    with ctx():
+        got = _grads(model, lambda x: compiled(pixel_values=x).logits, px)
+    _assert_close(got, ref, 5e-2 if autocast else 1e-4)
+
+
+class _NoHostReads(TorchDispatchMode):
+    """Fails on every op that reads a tensor's value onto the host."""
+
+    BANNED = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "unique",
+              "_unique2", "masked_select"}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in self.BANNED:
+            raise AssertionError(f"host read of a tensor inside a training step: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+def test_eager_training_step_reads_nothing_back_to_the_host(drop_rate, monkeypatch):
+    """Masks are drawn where the model computes and only scale rows: a training forward and
+    backward (eager, default impl, two branches) performs no host read of a tensor value."""
+    model = _model(tiny_vit, drop_rate, groups=(16, 8))
+    px = pixels(4)
+    model(pixel_values=px)  # the union caches are built once, outside the step
+
+    def banned(*_args, **_kwargs):
+        raise AssertionError("Tensor.tolist inside a training step")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", banned)
+    with _NoHostReads():
+        model(pixel_values=px).logits.square().sum().backward()
+    assert all(p.grad is not None for _, l in model.consolidator_layers()
+               for p in l.branches.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
+def test_cuda_training_step_never_synchronises(drop_rate):
+    model = _model(tiny_vit, drop_rate, groups=(16, 8)).cuda()
+    px = pixels(4).cuda()
+    model(pixel_values=px).logits.sum().backward()  # warm-up: caches, lazy init
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(pixel_values=px).logits.square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
