@@ -38,7 +38,10 @@ def get_consolidator_model(model: nn.Module, config: ConsolidatorConfig) -> Cons
 _LAZY = {"load_vtab1k": "data", "load_image_dataset": "data", "make_transform": "data",
          "Top1Accuracy": "metrics", "vtab_aggregate": "metrics",
          # the Trainer pipeline pulls in transformers.Trainer
-         "FinetuneConfig": "training", "run_finetune": "training"}
+         "FinetuneConfig": "training", "run_finetune": "training",
+         # the real offline backbone needs onnx (the [backbone] extra)
+         "convert_dinov2_onnx": "dinov2_onnx", "cached_dinov2_backbone": "dinov2_onnx",
+         "OnnxBackboneError": "dinov2_onnx"}
 
 
 def __getattr__(name: str):
@@ -59,9 +62,12 @@ __all__ = [
     "ConsolidatorModel",
     "FinetuneConfig",
     "HubError",
+    "OnnxBackboneError",
     "Top1Accuracy",
     "add_backbone_drop_path",
     "build_model_card",
+    "cached_dinov2_backbone",
+    "convert_dinov2_onnx",
     "convert_checkpoint",
     "default_image_processor",
     "drop_path_rates",
