@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
-from consolidator_hf._io import atomic_write_text, cache_dir
+from consolidator_hf.io import atomic_write_text, cache_dir, write_folder
 from consolidator_hf.data import write_vtab_task
 from consolidator_hf.training import FinetuneConfig, run_finetune
 
@@ -41,7 +41,7 @@ DATA_VERSION = 2
 
 
 def default_cache_dir() -> str:
-    """Where the pretrained backbone is cached (see :func:`consolidator_hf._io.cache_dir`)."""
+    """Where the pretrained backbone is cached (see :func:`consolidator_hf.io.cache_dir`)."""
     return cache_dir()
 
 
@@ -165,25 +165,19 @@ def pretrain_backbone(data_dir: str, cfg: OfflineDefaultConfig, cache_dir: str) 
         warmup_epochs=min(2.0, cfg.source_epochs / 4), batch_size=cfg.batch_size, seed=cfg.seed,
         use_cpu=cfg.use_cpu, logging_steps=cfg.logging_steps)
     metrics = result.metrics
-    if is_main_process():
-        tmp = f"{final}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+    if is_main_process() and not os.path.isdir(final):  # another run may have finished first
         trained = ViTForImageClassification.from_pretrained(result.model_dir)
-        # Saved without the head: a backbone folder like google/vit-base-patch16-224-in21k,
-        # so the target task always starts from a fresh classifier.
-        trained.vit.save_pretrained(tmp)
-        shutil.copy(os.path.join(result.model_dir, "preprocessor_config.json"), tmp)
         curve = {"source_task": SOURCE_TASK, "source_test_accuracy": metrics["accuracy"],
                  "loss_history": metrics["loss_history"], "epochs": metrics["epochs"],
                  "train_runtime_s": metrics["train_runtime_s"],
                  "num_train_examples": metrics["num_train_examples"]}
-        atomic_write_text(os.path.join(tmp, "training_curve.json"),
-                          json.dumps(curve, indent=2) + "\n")
-        os.makedirs(cache_dir, exist_ok=True)
-        if os.path.isdir(final):  # another run finished first; keep its copy
-            shutil.rmtree(tmp)
-        else:
-            os.replace(tmp, final)
+        with write_folder(final) as tmp:
+            # Saved without the head: a backbone folder like google/vit-base-patch16-224-in21k,
+            # so the target task always starts from a fresh classifier.
+            trained.vit.save_pretrained(tmp)
+            shutil.copy(os.path.join(result.model_dir, "preprocessor_config.json"), tmp)
+            with open(os.path.join(tmp, "training_curve.json"), "w", encoding="utf-8") as f:
+                f.write(json.dumps(curve, indent=2) + "\n")
     wait_for_everyone()
     return final, False
 

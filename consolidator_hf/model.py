@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ._io import load_safetensors, resolve_file
+from .io import load_safetensors, resolve_file
 from .config import WEIGHTS_NAME, ConsolidatorConfig
 from .drop_path import BackboneDropPath, add_backbone_drop_path
 from .layer import ConsolidatorLinear, merge_is_finite

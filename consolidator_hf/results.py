@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
-from ._io import atomic_path, atomic_write_text
+from .io import atomic_path, atomic_write_text
 from .data.registry import GROUPS, get_task, paper_results, registry, tasks
 from .metrics.aggregate import vtab_aggregate
 

@@ -13,7 +13,7 @@ from typing import Dict, Mapping, Union
 
 import torch
 
-from ._io import atomic_save_safetensors
+from .io import atomic_save_safetensors
 from .config import FORMAT_VERSION, WEIGHTS_NAME
 from .targets import rename_4_to_5
 

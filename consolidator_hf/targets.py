@@ -204,3 +204,25 @@ def is_norm(module: nn.Module) -> bool:
     """Whether ``module`` is a LayerNorm: ``nn.LayerNorm``, a subclass, or a look-alike whose
     class name ends in ``LayerNorm`` (e.g. Dinov2's); what ``train_layernorm`` trains."""
     return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("LayerNorm")
+
+
+# The timm ViT layout (the paper's checkpoints, plain timm ViTs) against Hugging Face ViT under
+# transformers 5.x names; modules of a 4.x model are found through RENAMES_4_TO_5.
+# timm linear -> (HF module inside a block, shape in D = hidden, M = MLP size); "attention.qkv"
+# is the fused [q; k; v] layer, split into QKV_MODULES["5.x"].
+TIMM_VIT_LINEARS: Dict[str, Tuple[str, str]] = {
+    "attn.qkv": ("attention.qkv", "3D,D"),
+    "attn.proj": ("attention.o_proj", "D,D"),
+    "mlp.fc1": ("mlp.fc1", "M,D"),
+    "mlp.fc2": ("mlp.fc2", "D,M"),
+}
+TIMM_VIT_NORMS: Dict[str, str] = {"norm1": "layernorm_before", "norm2": "layernorm_after"}
+HF_VIT_KEYS: Dict[str, str] = {  # timm tensor -> HF name below the backbone prefix (5.x)
+    "cls_token": "embeddings.cls_token",
+    "pos_embed": "embeddings.position_embeddings",
+    "patch_weight": "embeddings.patch_embeddings.projection.weight",
+    "patch_bias": "embeddings.patch_embeddings.projection.bias",
+    "norm": "layernorm",
+    "blocks": "layers",
+}
+HF_VIT_BACKBONE_PREFIX = "vit."  # ViTForImageClassification's backbone attribute

@@ -550,7 +550,7 @@ def write_chart(report: Dict[str, Any], path: str) -> None:
                  f"{report['args']['batch_size']}, {m['device']}, {m['threads']} threads, "
                  f"{m.get('cpu_model', m['processor'])}", fontsize=9)
     fig.tight_layout()
-    from consolidator_hf._io import atomic_path
+    from consolidator_hf.io import atomic_path
 
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -608,7 +608,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     except OSError:
         pass
     os.makedirs(args.output_dir, exist_ok=True)
-    from consolidator_hf._io import atomic_write_text
+    from consolidator_hf.io import atomic_write_text
 
     atomic_write_text(os.path.join(args.output_dir, "bench.json"),
                       json.dumps(report, indent=2) + "\n")

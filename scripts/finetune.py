@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="With no --task and no --config: the offline default run (digits 0-4 -> 5-9).")
     p.add_argument("--config", help="YAML file of FinetuneConfig fields; flags override it")
     # Publishing is not a FinetuneConfig field: the token must never reach metrics.json.
-    hub = p.add_argument_group("publishing (consolidator_hf.hub.push_training_run)")
+    hub = p.add_argument_group("publishing (consolidator_hf.training.push_training_run)")
     hub.add_argument("--push-to-hub", metavar="REPO", default=None,
                      help="after training, upload the merged model with its model card to this "
                           "Hub repo ('namespace/name'; --method consolidator, --task runs)")
@@ -172,7 +172,8 @@ def check_push(cfg: FinetuneConfig, repo_id: str) -> None:
 
 
 def push_run(cfg: FinetuneConfig, push: Dict[str, Any]) -> str:
-    from consolidator_hf.hub import HubError, push_training_run
+    from consolidator_hf.hub import HubError
+    from consolidator_hf.training import push_training_run
 
     try:
         url = push_training_run(cfg.output_dir, push["push_to_hub"], private=push["hub_private"],

@@ -19,7 +19,7 @@ from typing import Dict, List
 
 import yaml
 
-from consolidator_hf._io import atomic_write_text
+from consolidator_hf.io import atomic_write_text
 from consolidator_hf.data import BACKBONES, shared_recipe, tasks
 from consolidator_hf.recipes import paper_recipe
 

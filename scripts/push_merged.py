@@ -25,14 +25,9 @@ import sys
 from typing import Dict, Optional
 
 from consolidator_hf import HubError
-from consolidator_hf.hub import (
-    PREPROCESS_PRESETS,
-    load_for_publishing,
-    push_adapter,
-    push_merged,
-    save_adapter,
-    save_merged,
-)
+from consolidator_hf.hub import push_adapter, push_merged
+from consolidator_hf.processors import PRESETS
+from consolidator_hf.publish import load_for_publishing, save_adapter, save_merged
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default=None, help="dataset id or VTAB-1k task name for the card")
     p.add_argument("--epochs", type=float, default=None, help="epochs trained (default: metrics' epoch)")
     p.add_argument("--labels", default=None, help="JSON file: list of class names or {id: name}")
-    p.add_argument("--preprocess", default="vit", choices=sorted(PREPROCESS_PRESETS),
+    p.add_argument("--preprocess", default="vit", choices=sorted(PRESETS),
                    help="preset of the written image processor (ignored with --image-processor)")
     p.add_argument("--image-processor", default=None,
                    help="folder or Hub id of an image processor to ship instead of the preset")

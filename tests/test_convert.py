@@ -1,6 +1,6 @@
 """Checkpoint conversion: the paper's layout and plain timm ViTs -> Hugging Face folders.
 
-Checkpoints are built here from the DESIGN.md semantics with random weights, and every converted
+Checkpoints are built here from the docs/DESIGN.md semantics with random weights, and every converted
 model is compared with this file's own reference forward of the checkpoint tensors (a small
 timm-style ViT written in pure torch; it does not use consolidator_hf).
 """
@@ -28,7 +28,7 @@ LAYERS = {"attn.qkv": (3 * D, D), "attn.proj": (D, D), "mlp.fc1": (M, D), "mlp.f
 # ---------------------------------------------------------------------- checkpoints
 
 def make_state(seed=0, branches=GROUPS, head=True):
-    """A state dict in the paper's layout (DESIGN.md section 4); ``branches=()``: plain timm."""
+    """A state dict in the paper's layout (docs/DESIGN.md section 4); ``branches=()``: plain timm."""
     g = torch.Generator().manual_seed(seed)
 
     def r(*shape, s=0.1):
@@ -62,7 +62,7 @@ def save_checkpoint(path, state, **extra):
 # ---------------------------------------------------------------------- the reference forward
 
 def shuffle(x, g):
-    """DESIGN.md: x'[j*g + i] = x[i*(in/g) + j]."""
+    """docs/DESIGN.md: x'[j*g + i] = x[i*(in/g) + j]."""
     return x.unflatten(-1, (g, x.shape[-1] // g)).transpose(-1, -2).flatten(-2)
 
 

@@ -1,4 +1,4 @@
-"""The index formulas of DESIGN.md section 1, checked against literal loops."""
+"""The index formulas of docs/DESIGN.md section 1, checked against literal loops."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ from consolidator_hf import grouped
 
 
 def dense_by_loops(weight, in_f, g, shuffle):
-    """D from the DESIGN.md formulas, written as plain loops."""
+    """D from the docs/DESIGN.md formulas, written as plain loops."""
     out_f, s = weight.shape
     block = torch.zeros(out_f, in_f, dtype=weight.dtype)
     for o in range(out_f):

@@ -28,7 +28,7 @@ from consolidator_hf import (
     save_adapter,
     save_merged,
 )
-from consolidator_hf.hub import build_model_card, load_metrics
+from consolidator_hf.cards import build_model_card, load_metrics
 from hub_server import MiniHub, git_blob_sha1
 from script_module import load_script
 from tiny import pixels, tiny_vit

@@ -209,7 +209,7 @@ def test_target_table_covers_both_naming_schemes():
 
 
 def test_adapter_saved_with_4x_names_loads(tmp_path):
-    from consolidator_hf._io import atomic_save_safetensors, load_safetensors
+    from consolidator_hf.io import atomic_save_safetensors, load_safetensors
 
     model = get_consolidator_model(tiny_vit(), cfg()).eval()
     perturb_trainables(model)
@@ -310,7 +310,7 @@ def test_load_errors_name_the_problem(tmp_path):
 
 def test_save_is_atomic(tmp_path, monkeypatch):
     model = get_consolidator_model(tiny_vit(), cfg())
-    import consolidator_hf._io as io
+    import consolidator_hf.io as io
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
@@ -339,7 +339,7 @@ def test_frozen_loaded_model_saves_the_same_adapter(tmp_path):
     assert not any(p.requires_grad for p in frozen.parameters())
     assert frozen.parameter_counts() == model.parameter_counts()
     frozen.save_pretrained(tmp_path / "b")
-    from consolidator_hf._io import load_safetensors
+    from consolidator_hf.io import load_safetensors
 
     a, _ = load_safetensors(tmp_path / "a" / "consolidator_model.safetensors")
     b, _ = load_safetensors(tmp_path / "b" / "consolidator_model.safetensors")

@@ -1,4 +1,4 @@
-"""Write tiny VTAB-1k folders (the on-disk format of DESIGN.md section 4) from sklearn's digits."""
+"""Write tiny VTAB-1k folders (the on-disk format of docs/DESIGN.md section 4) from sklearn's digits."""
 
 from typing import Dict, List
 

@@ -34,7 +34,8 @@ from typing import Any, Dict, Optional, Tuple
 import numpy as np
 import torch
 
-from consolidator_hf._io import atomic_dir, cache_dir
+from consolidator_hf.cards import backbone_card
+from consolidator_hf.io import cache_dir, write_folder
 from consolidator_hf.data.writer import write_vtab_task
 
 from ..pretraining import pretrain_from_scratch
@@ -98,7 +99,7 @@ class PretrainConfig:
 
 
 def default_cache_dir() -> str:
-    """The project's cache folder (:func:`consolidator_hf._io.cache_dir`) plus ``mini_vtab``."""
+    """The project's cache folder (:func:`consolidator_hf.io.cache_dir`) plus ``mini_vtab``."""
     return cache_dir("mini_vtab")
 
 
@@ -136,16 +137,17 @@ def _plot_curve(curve: Dict[str, Any], path: str) -> None:
 
 
 def _model_card(cfg: PretrainConfig, info: Dict[str, Any]) -> str:
-    return (
-        "---\nlibrary_name: transformers\npipeline_tag: image-classification\ntags: [vit, consolidator_hf, mini-vtab]\n---\n"
-        "# mini-VTAB backbone\n\n"
-        f"A small ViT (width {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
-        f"{cfg.image_size}x{cfg.image_size} inputs, {cfg.patch_size}x{cfg.patch_size} patches, "
-        f"{info['num_parameters']:,} parameters) pretrained by consolidator_hf's "
-        "`scripts/pretrain_backbone.py` on Fashion-MNIST classification (training set; 5,000 images "
-        f"held out). Held-out accuracy: {info['val_accuracy']:.4f}. "
-        "Inputs: 28x28 items centred on a black 32x32 canvas, grey replicated to RGB, x/255 "
-        "normalised with mean/std 0.5. It is the stand-in backbone of the mini-VTAB benchmark.\n")
+    return str(backbone_card(
+        title="mini-VTAB backbone", tags=["vit", "consolidator_hf", "mini-vtab"],
+        pipeline_tag="image-classification",
+        sections=[("", f"A small ViT (width {cfg.hidden_size}, {cfg.num_hidden_layers} layers, "
+                       f"{cfg.image_size}x{cfg.image_size} inputs, {cfg.patch_size}x{cfg.patch_size} "
+                       f"patches, {info['num_parameters']:,} parameters) pretrained by "
+                       "consolidator_hf's `scripts/pretrain_backbone.py` on Fashion-MNIST "
+                       "classification (training set; 5,000 images held out). Held-out accuracy: "
+                       f"{info['val_accuracy']:.4f}. Inputs: 28x28 items centred on a black 32x32 "
+                       "canvas, grey replicated to RGB, x/255 normalised with mean/std 0.5. It is "
+                       "the stand-in backbone of the mini-VTAB benchmark.")]))
 
 
 def pretrain_backbone(output_dir: str, cfg: Optional[PretrainConfig] = None, *,
@@ -240,7 +242,7 @@ def _pretrain(output_dir: str, cfg: PretrainConfig, fashion_dir: Optional[str],
     }
     curve["train_time_s"] = info["train_time_s"]
 
-    with atomic_dir(output_dir) as tmp:
+    with write_folder(output_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, CURVE_JSON), "w", encoding="utf-8") as f:

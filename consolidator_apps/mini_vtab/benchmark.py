@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from consolidator_hf._io import atomic_path, atomic_write_text
+from consolidator_hf.io import atomic_path, atomic_write_text
 from .tasks import get_task
 
 GROUP_ORDER = ("natural", "specialized", "structured")

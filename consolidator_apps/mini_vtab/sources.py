@@ -63,7 +63,7 @@ def read_idx(path: str) -> np.ndarray:
 
 def write_idx(path: str, array: np.ndarray) -> None:
     """Write a uint8 array as a gzip idx file (the inverse of :func:`read_idx` for uint8), atomically."""
-    from consolidator_hf._io import atomic_path
+    from consolidator_hf.io import atomic_path
 
     array = np.ascontiguousarray(array)
     if array.dtype != np.uint8:

@@ -1,6 +1,6 @@
 """mini-VTAB target tasks: small VTAB-1k-style tasks generated deterministically from real images.
 
-Each task is written in the VTAB-1k on-disk format (see ``DESIGN.md`` section 4)::
+Each task is written in the VTAB-1k on-disk format (see ``docs/DESIGN.md`` section 4)::
 
     <data_dir>/<task>/train800.txt  val200.txt  train800val200.txt  test.txt  task.json
     <data_dir>/<task>/images/{train800,val200,test}/<NNNNNN>.jpg
@@ -25,7 +25,6 @@ The same seed gives byte-identical files (with the same numpy and Pillow version
 from __future__ import annotations
 
 import json
-import os
 import zlib
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple

@@ -17,9 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .registry import shared_recipe
-
-PREPROCESSING: tuple = ("paper", "processor")
+from ..processors import PREPROCESSING, preset_settings
 
 
 def to_rgb(image: Any) -> Image.Image:
@@ -41,12 +39,13 @@ def to_rgb(image: Any) -> Image.Image:
 
 def paper_pixel_values(images: Sequence[Any], image_size: int = 224) -> torch.Tensor:
     """(B, 3, image_size, image_size) float32: bicubic resize, /255, ImageNet mean/std."""
-    recipe = shared_recipe()
-    mean = np.asarray(recipe["normalize_mean"], dtype=np.float32)
-    std = np.asarray(recipe["normalize_std"], dtype=np.float32)
+    settings = preset_settings("paper")  # the one definition of the paper's preprocessing
+    mean = np.asarray(settings["image_mean"], dtype=np.float32)
+    std = np.asarray(settings["image_std"], dtype=np.float32)
+    resample = Image.Resampling(settings["resample"])
     out = np.empty((len(images), 3, image_size, image_size), dtype=np.float32)
     for i, image in enumerate(images):
-        rgb = to_rgb(image).resize((image_size, image_size), Image.Resampling.BICUBIC)
+        rgb = to_rgb(image).resize((image_size, image_size), resample)
         arr = np.asarray(rgb, dtype=np.float32) / 255.0
         out[i] = ((arr - mean) / std).transpose(2, 0, 1)
     return torch.from_numpy(out)

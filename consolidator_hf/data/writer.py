@@ -1,7 +1,7 @@
 """Write a task in the VTAB-1k on-disk format (the one :func:`~consolidator_hf.data.load_vtab1k`
 reads), from your own images.
 
-The format (DESIGN.md section 4)::
+The format (docs/DESIGN.md section 4)::
 
     <root>/<task>/train800.txt  val200.txt  train800val200.txt  test.txt
     <root>/<task>/images/<split>/<NNNNNN>.jpg
@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .._io import atomic_dir
+from ..io import write_folder
 from .loaders import SPLITS
 
 JPEG_QUALITY = 95
@@ -71,7 +71,7 @@ def write_vtab_task(root: str, task: str,
             raise ValueError(f"{task}: extra file name {name!r} must be a plain file name other "
                              f"than {sorted(reserved)}")
     lines: Dict[str, List[str]] = {}
-    with atomic_dir(os.path.join(root, task)) as tmp:
+    with write_folder(os.path.join(root, task)) as tmp:
         for split in _IMAGE_SPLITS:
             if split not in splits:
                 continue

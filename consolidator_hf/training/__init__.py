@@ -5,12 +5,12 @@ and the standard artifacts (adapter, merged model, model card, ``metrics.json``)
 - :mod:`.config`: :class:`FinetuneConfig` (nesting a ``ConsolidatorConfig``), :func:`apply_recipe`;
 - :mod:`.methods`: the five methods' model wrapping, :func:`parameter_summary`, :func:`peft_available`;
 - :mod:`.trainer`: :class:`AdapterTrainer`, the LR schedule, the trainable-tensor checkpoint format;
-- :mod:`.run`: :func:`run_finetune` and the run-folder layout.
+- :mod:`.run`: :func:`run_finetune`, the run-folder layout, :func:`push_training_run`.
 """
 
 from .config import METHODS, PREPROCESS, RECIPES, SAVE_STRATEGIES, FinetuneConfig, apply_recipe
 from .methods import parameter_summary, peft_available, unwrap_model, wrap_model
-from .run import build_training_args, load_splits, run_finetune
+from .run import RUN_DETAILS, build_training_args, load_splits, push_training_run, run_finetune
 from .trainer import (
     TRAINABLE_WEIGHTS_NAME,
     AdapterTrainer,
@@ -21,6 +21,7 @@ from .trainer import (
 
 __all__ = [
     "METHODS",
+    "RUN_DETAILS",
     "PREPROCESS",
     "RECIPES",
     "SAVE_STRATEGIES",
@@ -33,6 +34,7 @@ __all__ = [
     "load_trainable_state",
     "parameter_summary",
     "peft_available",
+    "push_training_run",
     "run_finetune",
     "save_trainable_state",
     "unwrap_model",

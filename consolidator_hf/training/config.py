@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from ..config import QKV_GROUPINGS, ConsolidatorConfig
+from ..processors import PREPROCESSING
 
 METHODS = ("consolidator", "linear", "bitfit", "full", "lora")
-PREPROCESS = ("processor", "paper")
+PREPROCESS = PREPROCESSING  # "paper" | "processor" (consolidator_hf.processors)
 RECIPES = ("custom", "paper")
 SAVE_STRATEGIES = ("no", "epoch", "steps")
 

@@ -19,10 +19,13 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
-from transformers import TrainingArguments
+from transformers import AutoConfig, AutoImageProcessor, TrainingArguments
 
-from .._io import atomic_write_text
+from ..cards import CARD_NAME, baseline_card, load_metrics
+from ..hub import check_can_upload, push_merged
+from ..io import PathLike, atomic_write_text, is_hub_id, write_folder
 from ..model import ConsolidatorModel
+from ..publish import load_for_publishing, save_adapter, save_merged
 from .config import FinetuneConfig, apply_recipe
 from .methods import parameter_summary, wrap_model
 from .trainer import AdapterTrainer, save_trainable_state
@@ -34,7 +37,7 @@ def _load_processor(cfg: FinetuneConfig, image_size: int):
     from transformers import AutoImageProcessor
 
     if cfg.preprocess == "paper":
-        from ..hub import default_image_processor
+        from ..processors import default_image_processor
 
         return default_image_processor(image_size, "paper")
     try:
@@ -70,56 +73,14 @@ def _compute_metrics(eval_pred) -> Dict[str, float]:
 
 
 # ---------------------------------------------------------------------- outputs
-def _model_card(cfg: FinetuneConfig, metrics: Dict[str, Any]) -> str:
-    """The card of a merged baseline run (linear, bitfit, full, lora)."""
-    from huggingface_hub import ModelCard, ModelCardData
-
-    is_hub_id = not os.path.exists(cfg.model) and cfg.model.count("/") == 1
-    data = ModelCardData(library_name="transformers", pipeline_tag="image-classification",
-                         tags=["consolidator", "vision", "image-classification", cfg.method],
-                         base_model=cfg.model if is_hub_id else None)
-    acc = metrics["accuracy"]
-    body = f"""---
-{data.to_yaml()}
----
-
-# {cfg.task} ({cfg.method}) on {os.path.basename(cfg.model.rstrip('/'))}
-
-A plain `{metrics.get('architecture', 'ViTForImageClassification')}`: {cfg.method} fine-tuning
-with `consolidator_hf` {'(Consolidator branches merged exactly into the linear weights, zero inference overhead)' if cfg.method == 'consolidator' else ''}.
-It loads with `transformers` alone:
-
-```python
-from transformers import AutoImageProcessor, AutoModelForImageClassification
-model = AutoModelForImageClassification.from_pretrained("<this folder or repo>")
-processor = AutoImageProcessor.from_pretrained("<this folder or repo>")
-```
-
-| | |
-| --- | --- |
-| base model | `{cfg.model}` |
-| task | `{cfg.task}` (train: `{cfg.train_split}`, {metrics.get('num_train_examples')} images; eval: `{cfg.eval_split}`, {metrics.get('num_eval_examples')} images) |
-| method | {cfg.method}{f" (groups={list(cfg.groups)}, channel_shuffle={cfg.channel_shuffle}, drop_rate={cfg.drop_rate})" if cfg.method == 'consolidator' else ''} |
-| top-1 accuracy ({cfg.eval_split}) | {100 * acc:.2f} % |
-| trainable / stored parameters | {metrics['trainable_params']:,} / {metrics['stored_params']:,} |
-| schedule | AdamW, lr {cfg.learning_rate:g}, weight decay {cfg.weight_decay:g}, {cfg.num_train_epochs:g} epochs, batch {cfg.batch_size}, warmup {cfg.warmup_epochs:g} epochs, cosine to {cfg.min_lr:g} |
-| preprocessing | `{cfg.preprocess}` at {metrics.get('image_size')} px |
-| seed | {cfg.seed} |
-"""
-    return str(ModelCard(body))
-
-
 def _write_outputs(model: nn.Module, processor, cfg: FinetuneConfig,
                    metrics: Dict[str, Any]) -> None:
     out = cfg.output_dir
     adapter_dir, merged_dir = os.path.join(out, "adapter"), os.path.join(out, "merged")
     if isinstance(model, ConsolidatorModel):
         # One card format for every merged Consolidator model: the publishing module's.
-        from ..hub import RUN_DETAILS, save_adapter, save_merged
-
-        is_hub_id = not os.path.exists(cfg.model) and cfg.model.count("/") == 1
         card_args = dict(metrics=metrics, dataset=cfg.task, epochs=cfg.num_train_epochs,
-                         base_model=cfg.model if is_hub_id else None,
+                         base_model=cfg.model if is_hub_id(cfg.model) else None,
                          training_details={k: getattr(cfg, k) for k in RUN_DETAILS})
         metrics["architecture"] = type(model.base_model).__name__
         save_adapter(model, adapter_dir, **card_args)  # consolidated: the paper's stage-1 storage
@@ -134,9 +95,10 @@ def _write_outputs(model: nn.Module, processor, cfg: FinetuneConfig,
             save_trainable_state(model, adapter_dir)
         merged = model
     metrics["architecture"] = type(merged).__name__
-    merged.save_pretrained(merged_dir)
-    processor.save_pretrained(merged_dir)
-    atomic_write_text(os.path.join(merged_dir, "README.md"), _model_card(cfg, metrics))
+    with write_folder(merged_dir) as tmp:
+        merged.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        baseline_card(cfg, metrics, location=merged_dir).save(os.path.join(tmp, CARD_NAME))
     _write_metrics(out, metrics)
 
 
@@ -238,3 +200,39 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Optional[List[Any]] = None) -> 
               flush=True)
     trainer.accelerator.wait_for_everyone()
     return metrics
+
+
+# ---------------------------------------------------------------------- publishing a run
+# FinetuneConfig fields a model card reports for a training run.
+RUN_DETAILS = ("learning_rate", "weight_decay", "batch_size", "num_train_epochs", "warmup_epochs",
+               "min_lr", "seed", "preprocess", "recipe", "train_split")
+
+
+def push_training_run(
+    output_dir: PathLike, repo_id: str, *, private: bool = False, token: Optional[str] = None,
+    commit_message: Optional[str] = None, revision: Optional[str] = None,
+    base_model: Optional[str] = None,
+) -> str:
+    """Publish a finished ``scripts/finetune.py`` run: merge ``<output_dir>/adapter`` onto its
+    base (``metrics.json``'s ``model``, or ``base_model``) and :func:`push_merged` it with the
+    run's metrics, labels (``merged/config.json``), image processor (``merged/``) and recipe
+    in the card. Returns the commit URL. This is what ``finetune.py --push-to-hub`` calls."""
+    out = os.fspath(output_dir)
+    check_can_upload(repo_id)
+    metrics_path = os.path.join(out, "metrics.json")
+    metrics = load_metrics(metrics_path)
+    base = base_model or metrics.get("model") or metrics.get("config_model")
+    if not base:
+        raise ValueError(f"{metrics_path}: names no base model; pass base_model=")
+    merged_dir = os.path.join(out, "merged")
+    model = load_for_publishing(base, os.path.join(out, "adapter"), token=token)
+    id2label = AutoConfig.from_pretrained(merged_dir).id2label
+    processor = AutoImageProcessor.from_pretrained(merged_dir)
+    details = {k: metrics[f"config_{k}"] for k in RUN_DETAILS
+               if metrics.get(f"config_{k}") is not None}
+    return push_merged(model, repo_id, private=private, token=token, revision=revision,
+                       commit_message=commit_message or f"Upload {metrics.get('task', 'run')} "
+                                                        "(merged Consolidator model)",
+                       image_processor=processor, metrics=metrics_path, id2label=id2label,
+                       base_model=base if is_hub_id(base) else None,
+                       training_details=details)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers import Trainer
 
-from .._io import atomic_save_safetensors, atomic_write_text, load_safetensors
+from ..io import atomic_save_safetensors, atomic_write_text, load_safetensors
 from ..config import WEIGHTS_NAME
 from ..model import ConsolidatorModel
 from .methods import unwrap_model
