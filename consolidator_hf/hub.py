@@ -259,7 +259,7 @@ def build_model_card(
     repo_id: Optional[str] = None, base_model: Optional[str] = None, metrics: MetricsLike = None,
     dataset: Optional[str] = None, epochs: Optional[float] = None,
     training_details: Optional[Mapping[str, Any]] = None, preprocessing: Optional[str] = None,
-    counts: Optional[Dict[str, int]] = None,
+    counts: Optional[Dict[str, int]] = None, local_path: Optional[str] = None,
 ):
     """The ``huggingface_hub.ModelCard`` of a merged model (``kind="merged"``) or of an
     adapter (``kind="adapter"``).
@@ -269,7 +269,8 @@ def build_model_card(
     tags (``consolidator``, ``vision``, ``image-classification``, ``vtab`` for a VTAB-1k task,
     ``base_model:adapter:<id>`` for an adapter), ``datasets`` and a ``model-index`` with the
     numeric entries of ``metrics`` (needs ``dataset``). The body says how the model was trained
-    (groups, drop rate, trainable and stored parameters, epochs) and how to load it.
+    (groups, drop rate, trainable and stored parameters, epochs) and how to load it: from
+    ``repo_id``, else from ``local_path`` (the folder the card is saved in), else from ``"."``.
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
@@ -287,7 +288,7 @@ def build_model_card(
     epochs = epochs if epochs is not None else metric_epochs
     name = model_name or (repo_id.split("/")[-1] if repo_id else None) or \
         f"{type(model.base_model).__name__}-consolidator"
-    load_id = repo_id or f"path/to/{name}"
+    load_id = repo_id or (os.fspath(local_path) if local_path else ".")  # never a placeholder
     arch = type(model.base_model).__name__
     num_labels = getattr(getattr(model.base_model, "config", None), "num_labels", None)
 
@@ -389,8 +390,13 @@ merged = model.merge_and_unload()  # a plain {arch}
 ```"""
     sections = [f"# {name}", intro, "## How to use", usage, "## Training", table]
     if results:
-        metric_rows = "\n".join(f"| {m} | {s or ''} | {v:.6g} |" for m, s, v in results)
-        sections += ["## Evaluation", "| metric | split | value |\n| --- | --- | --- |\n" + metric_rows]
+        if any(s for _, s, _ in results):
+            metric_rows = "\n".join(f"| {m} | {s or '-'} | {v:.6g} |" for m, s, v in results)
+            header = "| metric | split | value |\n| --- | --- | --- |\n"
+        else:  # no split known: no empty column
+            metric_rows = "\n".join(f"| {m} | {v:.6g} |" for m, _, v in results)
+            header = "| metric | value |\n| --- | --- |\n"
+        sections += ["## Evaluation", header + metric_rows]
     if preprocessing:
         sections += ["## Preprocessing", preprocessing]
     sections += ["## Citation", f"```bibtex\n{CITATION}\n```"]
@@ -481,7 +487,7 @@ def save_merged(
         model_name=None if repo_id else os.path.basename(os.path.abspath(os.fspath(save_directory))),
         base_model=base_model, metrics=metrics, dataset=dataset, epochs=epochs,
         training_details=training_details, preprocessing=_describe_processor(processor),
-        counts=counts,
+        counts=counts, local_path=os.fspath(save_directory),
     )
     merged = _merge_copy(work, safe_merge, id2label)
 
@@ -512,6 +518,7 @@ def save_adapter(
         model_name=None if repo_id else os.path.basename(os.path.abspath(os.fspath(save_directory))),
         base_model=base_model, metrics=metrics, dataset=dataset, epochs=epochs,
         training_details=training_details, counts=source.parameter_counts(),
+        local_path=os.fspath(save_directory),
     )
 
     def fill(tmp: str) -> None:
