@@ -11,7 +11,7 @@ import argparse
 import os
 import sys
 import traceback
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 #: Set to 1 for full tracebacks from any script (the same as its ``--debug`` flag).
 DEBUG_ENV = "CONSOLIDATOR_DEBUG"
@@ -21,13 +21,23 @@ DEBUG_ENV = "CONSOLIDATOR_DEBUG"
 USER_ERRORS = (ValueError, OSError, ImportError)
 
 
+def _shows_default(action: argparse.Action) -> bool:
+    return not (action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS)
+
+
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the description's line breaks and appends ``(default: ...)`` to every option that
     has one and does not already state it."""
 
+    def add_argument(self, action: argparse.Action) -> None:
+        if action.help is None and _shows_default(action):  # argparse skips help-less options
+            action.help = "(default: %(default)s)"
+        super().add_argument(action)
+
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+        if "(default" in text or not _shows_default(action):  # `is False`: a 0 is still shown
             return text
         return super()._get_help_string(action) or text
 
@@ -49,10 +59,11 @@ def one_line(error: BaseException) -> str:
 
 
 def run_cli(main: Callable[[List[str]], Any], argv: Optional[List[str]] = None,
-            prog: Optional[str] = None) -> int:
+            prog: Optional[str] = None, extra_errors: Tuple[type, ...] = ()) -> int:
     """Run ``main(argv)``; a :data:`USER_ERRORS` exception becomes ``prog: error: <message>``
     on stderr and exit status 2 (argparse's convention), with the traceback only when
-    ``--debug`` or ``CONSOLIDATOR_DEBUG=1`` is given. Returns ``main``'s int result (else 0)."""
+    ``--debug`` or ``CONSOLIDATOR_DEBUG=1`` is given; ``extra_errors`` are treated the same
+    (e.g. ``HubError``). Returns ``main``'s int result (else 0)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or os.path.basename(sys.argv[0] or "script")
     try:
@@ -60,7 +71,7 @@ def run_cli(main: Callable[[List[str]], Any], argv: Optional[List[str]] = None,
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
+    except USER_ERRORS + tuple(extra_errors) as e:
         if debug_requested(argv):
             traceback.print_exc()
         print(f"{prog}: error: {one_line(e)}", file=sys.stderr, flush=True)

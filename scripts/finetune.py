@@ -64,6 +64,8 @@ def _default_text(f: dataclasses.Field) -> str:
         return ""
     else:
         default = f.default
+    if "(default" in f.metadata.get("help", ""):  # the help text states it already
+        return ""
     if isinstance(default, tuple):
         default = " ".join(map(str, default))
     return f" (default: {default})"

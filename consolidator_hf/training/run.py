@@ -182,6 +182,13 @@ def build_training_args(cfg: FinetuneConfig) -> TrainingArguments:
     )
 
 
+class _DropLoadReport:
+    """A ``logging`` filter dropping transformers' state-dict load report (see load_backbone)."""
+
+    def filter(self, record) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
 def load_backbone(model: str, id2label: Dict[int, str]) -> nn.Module:
     """``AutoModelForImageClassification`` from ``model`` with a fresh head for ``id2label``.
 
@@ -197,9 +204,10 @@ def load_backbone(model: str, id2label: Dict[int, str]) -> nn.Module:
 
     from ..targets import head_module_name
 
+    # A filter, not a level: transformers checks this logger's level to decide on other warnings.
     report_logger = logging.getLogger("transformers.modeling_utils")
-    level = report_logger.level
-    report_logger.setLevel(logging.ERROR)
+    hold_report = _DropLoadReport()
+    report_logger.addFilter(hold_report)
     try:
         base, info = AutoModelForImageClassification.from_pretrained(
             model, id2label=id2label, label2id={n: i for i, n in id2label.items()},
@@ -210,7 +218,7 @@ def load_backbone(model: str, id2label: Dict[int, str]) -> nn.Module:
                 model, model == FinetuneConfig.model, "no network")) from None
         raise
     finally:
-        report_logger.setLevel(level)
+        report_logger.removeFilter(hold_report)
     head = head_module_name(base)
     mismatched = [k[0] if isinstance(k, (tuple, list)) else k
                   for k in info.get("mismatched_keys", [])]
