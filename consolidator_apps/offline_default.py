@@ -27,9 +27,10 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from consolidator_hf.io import atomic_write_text, cache_dir, write_folder
 from consolidator_hf.data import write_vtab_task
-from consolidator_hf.training import FinetuneConfig, run_finetune
+from consolidator_hf.training import FinetuneConfig
 
-from .pretraining import is_main_process, pretrain_from_scratch, wait_for_everyone
+# .pretraining and run_finetune pull in transformers' Trainer: imported where used, so that
+# scripts/finetune.py can build its flags from OfflineDefaultConfig in a fraction of a second.
 
 SOURCE_TASK = "digits_0to4"
 TARGET_TASK = "digits_5to9"
@@ -144,7 +145,11 @@ def backbone_name(cfg: OfflineDefaultConfig) -> str:
 def pretrain_backbone(data_dir: str, cfg: OfflineDefaultConfig, cache_dir: str) -> Tuple[str, bool]:
     """The cached source-pretrained backbone folder (pretrained now if missing); returns
     ``(folder, reused)``. Only the main process writes the cache."""
-    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+    from transformers import ViTConfig, ViTForImageClassification
+    from transformers import ViTImageProcessorPil as ViTImageProcessor  # what ViTImageProcessor
+    # falls back to without torchvision (with a warning); named directly, it gives none
+
+    from .pretraining import is_main_process, pretrain_from_scratch, wait_for_everyone
 
     final = os.path.join(cache_dir, backbone_name(cfg))
     if os.path.isfile(os.path.join(final, "model.safetensors")):
@@ -186,6 +191,10 @@ def pretrain_backbone(data_dir: str, cfg: OfflineDefaultConfig, cache_dir: str) 
 def run_offline_default(cfg: Optional[OfflineDefaultConfig] = None) -> Dict[str, Any]:
     """Pretrain (or reuse) the backbone, adapt it to the target task with Consolidator and
     with the head only, print both test accuracies and write ``summary.json``."""
+    from consolidator_hf.training import run_finetune
+
+    from .pretraining import is_main_process, wait_for_everyone
+
     cfg = cfg or OfflineDefaultConfig()
     start = time.perf_counter()
     cache_dir = cfg.cache_dir or default_cache_dir()
@@ -204,7 +213,8 @@ def run_offline_default(cfg: Optional[OfflineDefaultConfig] = None) -> Dict[str,
                   eval_split="test", num_train_epochs=cfg.target_epochs,
                   warmup_epochs=min(2.0, cfg.target_epochs / 4), weight_decay=1e-4,
                   batch_size=cfg.batch_size, seed=cfg.seed, preprocess="processor",
-                  save_strategy="no", use_cpu=cfg.use_cpu, logging_steps=cfg.logging_steps)
+                  save_strategy="no", use_cpu=cfg.use_cpu, logging_steps=cfg.logging_steps,
+                  overwrite_output_dir=True)  # its own sub-folders: a rerun replaces them
     runs = {
         "consolidator": FinetuneConfig(method="consolidator", groups=cfg.groups,
                                        drop_rate=cfg.drop_rate,

@@ -92,7 +92,7 @@ def pretrain_from_scratch(vit_config: Any, image_processor: Any, *, data_dir: st
         learning_rate=learning_rate, weight_decay=weight_decay, num_train_epochs=epochs,
         warmup_epochs=warmup_epochs, batch_size=batch_size, seed=seed, preprocess="processor",
         output_dir=os.path.join(work_dir, "run"), save_strategy="no", use_cpu=use_cpu,
-        logging_steps=logging_steps)
+        logging_steps=logging_steps, overwrite_output_dir=True)  # work_dir is scratch space
     epoch_eval = _EpochEval() if eval_every_epoch else None
     extra = list(callbacks or []) + ([epoch_eval] if epoch_eval else [])
     metrics = run_finetune(cfg, callbacks=extra or None)

@@ -181,7 +181,7 @@ def build_model_card(
     repo_id: Optional[str] = None, base_model: Optional[str] = None, metrics: MetricsLike = None,
     dataset: Optional[str] = None, epochs: Optional[float] = None,
     training_details: Optional[Mapping[str, Any]] = None, preprocessing: Optional[str] = None,
-    counts: Optional[Dict[str, int]] = None, location: Optional[str] = None,
+    counts: Optional[Dict[str, int]] = None, local_path: Optional[str] = None,
 ):
     """The ``huggingface_hub.ModelCard`` of a merged model (``kind="merged"``) or of an
     adapter (``kind="adapter"``).
@@ -192,7 +192,7 @@ def build_model_card(
     ``base_model:adapter:<id>`` for an adapter), ``datasets`` and a ``model-index`` with the
     numeric entries of ``metrics`` (needs ``dataset``). The body says how the model was trained
     (groups, drop rate, trainable and stored parameters, epochs) and how to load it, from
-    ``repo_id`` or else ``location`` (the local folder the card is written into).
+    ``repo_id``, else from ``local_path`` (the folder the card is saved in), else from ``"."``.
     """
     from huggingface_hub import EvalResult, ModelCardData
 
@@ -210,7 +210,7 @@ def build_model_card(
     epochs = epochs if epochs is not None else metric_epochs
     name = model_name or (repo_id.split("/")[-1] if repo_id else None) or \
         f"{type(model.base_model).__name__}-consolidator"
-    load_id = repo_id or location or name
+    load_id = repo_id or (os.fspath(local_path) if local_path else ".")  # never a placeholder
     arch = type(model.base_model).__name__
     num_labels = getattr(getattr(model.base_model, "config", None), "num_labels", None)
 
@@ -311,8 +311,13 @@ merged = model.merge_and_unload()  # a plain {arch}
 ```"""
     sections = [f"# {name}", intro, "## How to use", usage, "## Training", table(rows)]
     if results:
-        metric_rows = "\n".join(f"| {m} | {s or ''} | {v:.6g} |" for m, s, v in results)
-        sections += ["## Evaluation", "| metric | split | value |\n| --- | --- | --- |\n" + metric_rows]
+        if any(s for _, s, _ in results):
+            metric_rows = "\n".join(f"| {m} | {s or '-'} | {v:.6g} |" for m, s, v in results)
+            header = "| metric | split | value |\n| --- | --- | --- |\n"
+        else:  # no split known: no empty column
+            metric_rows = "\n".join(f"| {m} | {v:.6g} |" for m, _, v in results)
+            header = "| metric | value |\n| --- | --- |\n"
+        sections += ["## Evaluation", header + metric_rows]
     if preprocessing:
         sections += ["## Preprocessing", preprocessing]
     sections += ["## Citation", f"```bibtex\n{CITATION}\n```"]
@@ -322,10 +327,10 @@ merged = model.merge_and_unload()  # a plain {arch}
 
 
 
-def baseline_card(cfg: Any, metrics: Mapping[str, Any], location: Optional[str] = None):
+def baseline_card(cfg: Any, metrics: Mapping[str, Any], local_path: Optional[str] = None):
     """The card of a merged run of ``run_finetune`` (``cfg``: its ``FinetuneConfig``)."""
     method = cfg.method
-    where = location or "this folder"
+    where = local_path or "."
     rows = [
         ("base model", f"`{cfg.model}`"),
         ("task", f"`{cfg.task}` (train: `{cfg.train_split}`, {metrics.get('num_train_examples')} "

@@ -88,7 +88,7 @@ def save_merged(
         model_name=None if repo_id else os.path.basename(os.path.abspath(os.fspath(save_directory))),
         base_model=base_model, metrics=metrics, dataset=dataset, epochs=epochs,
         training_details=training_details, preprocessing=describe_processor(processor),
-        counts=counts, location=None if repo_id else os.fspath(save_directory),
+        counts=counts, local_path=None if repo_id else os.fspath(save_directory),
     )
     merged = _merge_copy(work, safe_merge, id2label)
 
@@ -118,7 +118,7 @@ def save_adapter(
         model_name=None if repo_id else os.path.basename(os.path.abspath(os.fspath(save_directory))),
         base_model=base_model, metrics=metrics, dataset=dataset, epochs=epochs,
         training_details=training_details, counts=source.parameter_counts(),
-        location=None if repo_id else os.fspath(save_directory),
+        local_path=None if repo_id else os.fspath(save_directory),
     )
 
     path = os.path.abspath(os.fspath(save_directory))

@@ -36,7 +36,10 @@ def read_run_metrics(runs_dir: str) -> Tuple[Dict[str, float], List[str]]:
     scores: Dict[str, float] = {}
     sources: Dict[str, str] = {}
     notes: List[str] = []
-    for path in sorted(glob.glob(os.path.join(runs_dir, "*", "metrics.json"))):
+    found = sorted(glob.glob(os.path.join(runs_dir, "*", "metrics.json")))
+    if not found:
+        notes.append(f"{runs_dir}: no <task>/metrics.json found, nothing to collect")
+    for path in found:
         try:
             with open(path, "r", encoding="utf-8") as f:
                 data = json.load(f)
@@ -116,6 +119,8 @@ def _missing_note(table: ResultsTable) -> str:
 
 def to_markdown(table: ResultsTable, title: str = "VTAB-1k top-1 accuracy (%)") -> str:
     lines = [f"## {title}", ""]
+    if table.notes:  # what was skipped and why: first, not below a table of dashes
+        lines += ["Skipped:", ""] + [f"- {n}" for n in table.notes] + [""]
     # the paper's Table 1 layout: one row per method, tasks as columns
     header = [t for _, t, _, _ in table.task_rows] + [f"{g} mean" for g in GROUPS] + ["average", "mean"]
     ours_row = [_fmt(o) for _, _, o, _ in table.task_rows] + [_fmt(o) for _, o, _ in table.group_rows] + \
@@ -135,7 +140,6 @@ def to_markdown(table: ResultsTable, title: str = "VTAB-1k top-1 accuracy (%)") 
     lines.append("Paper: Consolidator, ViT-B/16 ImageNet-21k (Hao et al., ICLR 2023, Table 1), from the registry.")
     if table.missing:
         lines.append(_missing_note(table))
-    lines += table.notes
     return "\n".join(lines) + "\n"
 
 

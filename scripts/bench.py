@@ -557,9 +557,19 @@ def write_chart(report: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The description's line breaks, and every default shown (consolidator_hf.cli's formatter,
+    not imported here: this script sets thread and allocator settings before torch loads)."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        if action.help is None and action.default not in (None, False):
+            action.help = "(default: %(default)s)"  # argparse skips help-less options
+        super().add_argument(action)
+
+
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--model-size", choices=sorted(MODEL_SIZES), default="base")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=5, help="timed steps per configuration")

@@ -12,11 +12,12 @@ hidden/64) and ``--channel-shuffle`` when they differ from the defaults.
 import argparse
 import sys
 
+from consolidator_hf.cli import HelpFormatter
 from consolidator_hf.convert import ConversionError, convert_checkpoint
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--checkpoint", required=True, help="the paper's .pth (or a timm ViT; .safetensors too)")
     p.add_argument("--output", required=True, help="folder to create (must not exist or be empty)")
     p.add_argument("--num-heads", type=int, default=None, help="attention heads (default: hidden/64)")

@@ -26,9 +26,13 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from consolidator_apps.offline_default import OfflineDefaultConfig, run_offline_default
+from consolidator_apps.offline_default import OfflineDefaultConfig  # light: the dataclass only
 from consolidator_hf import ConsolidatorConfig
-from consolidator_hf.training import FinetuneConfig, run_finetune
+from consolidator_hf.cli import HelpFormatter, add_debug_flag, run_cli
+from consolidator_hf.training import FinetuneConfig, apply_recipe, check_model_source, prepare_output_dir
+
+# run_finetune / run_offline_default import transformers' Trainer (seconds): imported only after
+# the arguments, the backbone source, the output folder and the data have been checked.
 
 # Hidden: sizes of the offline default (tests and quick looks), and the YAML key for `--config`.
 _OFFLINE_PREFIX = "offline_"
@@ -42,7 +46,11 @@ def _base_type(tp: Any) -> Any:
 
 
 def _json_object(text: str) -> Dict[str, Any]:
-    value = json.loads(text)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:  # argparse names the flag: "argument --consolidator-kwargs: ..."
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e.msg} at column {e.colno}): {text!r}; "
+                                         "expected an object such as '{\"init_range\": 0.01}'")
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
@@ -56,6 +64,8 @@ def _default_text(f: dataclasses.Field) -> str:
         return ""
     else:
         default = f.default
+    if "(default" in f.metadata.get("help", ""):  # the help text states it already
+        return ""
     if isinstance(default, tuple):
         default = " ".join(map(str, default))
     return f" (default: {default})"
@@ -87,9 +97,10 @@ def _add_field(parser: argparse.ArgumentParser, f: dataclasses.Field, hidden: bo
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
         epilog="With no --task and no --config: the offline default run (digits 0-4 -> 5-9).")
     p.add_argument("--config", help="YAML file of FinetuneConfig fields; flags override it")
+    add_debug_flag(p)
     # Publishing is not a FinetuneConfig field: the token must never reach metrics.json.
     hub = p.add_argument_group("publishing (consolidator_hf.training.push_training_run)")
     hub.add_argument("--push-to-hub", metavar="REPO", default=None,
@@ -118,6 +129,7 @@ def read_yaml(path: str) -> Dict[str, Any]:
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = vars(build_parser().parse_args(argv))
+    args.pop("debug", None)
     config_path = args.pop("config", None)
     push = {k: args.pop(k) for k in ("push_to_hub", "hub_private", "hub_token")}
     offline = {k[len(_OFFLINE_PREFIX):]: args.pop(k) for k in list(args)
@@ -137,6 +149,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 offline[key] = fields[key]
         if "groups" in offline:
             offline["groups"] = tuple(offline["groups"])
+        from consolidator_apps.offline_default import run_offline_default
+
         return run_offline_default(OfflineDefaultConfig(**offline))
     if offline:
         raise SystemExit(f"{sorted(offline)}: options of the offline default, not of a --task run")
@@ -144,18 +158,35 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         cfg = FinetuneConfig.from_dict(fields)
     except (TypeError, ValueError) as e:
         raise SystemExit(f"finetune.py: {e}") from None
+    preflight(cfg)  # seconds, before the Trainer is even imported
     if push["push_to_hub"]:
         check_push(cfg, push["push_to_hub"])  # before hours of training, not after
+    from accelerate import PartialState
+
+    from consolidator_hf.training import run_finetune
+
     metrics = run_finetune(cfg)
+    if not PartialState().is_main_process:  # one summary per job, however many processes
+        return metrics
     print(f"{cfg.task} {cfg.method}: test top-1 {100 * metrics['accuracy']:.2f} % "
           f"({metrics['trainable_params']:,} trainable, {metrics['stored_params']:,} stored "
           f"parameters, {metrics['train_runtime_s']:.0f} s); outputs in {cfg.output_dir}")
-    if push["push_to_hub"]:
-        from accelerate import PartialState
-
-        if PartialState().is_main_process:  # one upload per run, however many processes
-            metrics["hub_commit_url"] = push_run(cfg, push)
+    if push["push_to_hub"]:  # main process only (above): one upload per run
+        metrics["hub_commit_url"] = push_run(cfg, push)
     return metrics
+
+
+def preflight(cfg: FinetuneConfig) -> None:
+    """The checks run_finetune makes, made before its slow imports: the recipe, the backbone
+    source, the output folder, the task name and its list files."""
+    from consolidator_hf.data import check_vtab_task
+
+    cfg = apply_recipe(cfg)
+    cfg.validate()
+    check_vtab_task(cfg.data_dir, cfg.task, (cfg.train_split, cfg.eval_split),
+                    num_classes=cfg.num_classes)
+    check_model_source(cfg.model)
+    prepare_output_dir(cfg)
 
 
 def check_push(cfg: FinetuneConfig, repo_id: str) -> None:
@@ -186,4 +217,4 @@ def push_run(cfg: FinetuneConfig, push: Dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(run_cli(main, sys.argv[1:], prog="finetune.py"))

@@ -19,6 +19,7 @@ from typing import Dict, List
 
 import yaml
 
+from consolidator_hf.cli import HelpFormatter, run_cli
 from consolidator_hf.io import atomic_write_text
 from consolidator_hf.data import BACKBONES, shared_recipe, tasks
 from consolidator_hf.recipes import paper_recipe
@@ -78,7 +79,7 @@ def write_configs(out_dir: str) -> List[str]:
 
 
 def main(argv: List[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     parser.add_argument("--out-dir", default=os.path.join(ROOT, "configs", "vtab"),
                         help="where to write <backbone>/<task>.yaml (default: configs/vtab)")
     args = parser.parse_args(argv)
@@ -87,4 +88,4 @@ def main(argv: List[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main, prog="make_configs.py"))

@@ -23,6 +23,7 @@ from datetime import datetime, timezone
 
 import torch
 
+from consolidator_hf.cli import HelpFormatter, run_cli
 from consolidator_apps.mini_vtab import (
     PretrainConfig,
     ensure_backbone,
@@ -57,7 +58,7 @@ def ensure_tasks(data_dir: str, names, seed: int, fashion_dir=None) -> None:
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help=f"one task ({QUICK_TASK}), one seed, a one-point grid, --epochs 2 unless given")
     p.add_argument("--tasks", nargs="+", default=None, choices=task_names(), help="default: all")
@@ -158,4 +159,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_cli(main, prog="mini_vtab.py"))

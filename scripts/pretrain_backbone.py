@@ -15,11 +15,12 @@ import argparse
 import dataclasses
 import json
 
+from consolidator_hf.cli import HelpFormatter, run_cli
 from consolidator_apps.mini_vtab.backbone import PretrainConfig, default_backbone_dir, ensure_backbone
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--output-dir", default=None,
                         help="backbone folder (default: ~/.cache/consolidator_hf/mini_vtab/backbone-<hash>)")
     parser.add_argument("--fashion-dir", default=None,
@@ -41,4 +42,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_cli(main, prog="pretrain_backbone.py"))

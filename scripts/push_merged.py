@@ -25,6 +25,7 @@ import sys
 from typing import Dict, Optional
 
 from consolidator_hf import HubError
+from consolidator_hf.cli import HelpFormatter, run_cli
 from consolidator_hf.hub import push_adapter, push_merged
 from consolidator_hf.processors import PRESETS
 from consolidator_hf.publish import load_for_publishing, save_adapter, save_merged
@@ -32,7 +33,7 @@ from consolidator_hf.publish import load_for_publishing, save_adapter, save_merg
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--base-model", required=True, help="base model folder or Hub id")
     p.add_argument("--base-revision", default=None, help="revision of a Hub base model")
     p.add_argument("--adapter", required=True, help="adapter folder or Hub id "
@@ -104,8 +105,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except (HubError, FileNotFoundError, ValueError) as e:
-        print(f"push_merged.py: error: {e}", file=sys.stderr)
-        sys.exit(1)
+    sys.exit(run_cli(main, prog="push_merged.py", extra_errors=(HubError,)))

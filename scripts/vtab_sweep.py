@@ -24,6 +24,7 @@ import sys
 import time
 from typing import List, Optional, Sequence
 
+from consolidator_hf.cli import HelpFormatter
 from consolidator_hf.data import BACKBONES, get_task, task_names
 
 ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
@@ -62,7 +63,7 @@ def task_command(task: str, args: argparse.Namespace, extra: List[str]) -> List[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False, formatter_class=HelpFormatter,
                                      epilog="Unknown arguments are passed on to finetune.py.")
     parser.add_argument("--data-dir", required=True, help="the vtab-1k folder (one sub-folder per task)")
     parser.add_argument("--output-dir", required=True, help="one <task>/ folder per task is written here")

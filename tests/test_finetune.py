@@ -82,6 +82,7 @@ def test_two_cpu_processes_train_as_one_distributed_job(tiny):
     assert m["global_step"] == 4
     log = r.stdout + r.stderr
     assert log.count("] wrote ") == 1 and "[rank 0] wrote" in log  # one process writes
+    assert log.count("test top-1") == 1  # one summary per job, printed by rank 0
     assert os.path.isfile(out / "merged" / "model.safetensors")
     ckpt = out / "checkpoints" / "checkpoint-2"
     assert "consolidator_model.safetensors" in os.listdir(ckpt)

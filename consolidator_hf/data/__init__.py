@@ -1,12 +1,13 @@
 """VTAB-1k registry, ``datasets``-based loaders, lazy image transforms and a writer of the
 VTAB-1k on-disk format."""
 
-from .loaders import SPLITS, load_image_dataset, load_vtab1k, read_vtab_list, vtab_features
+from .loaders import SPLITS, check_vtab_task, load_image_dataset, load_vtab1k, read_vtab_list, vtab_features
 from .registry import (
     BACKBONES,
     FOLDER_ALIASES,
     GROUPS,
     VtabTask,
+    closest_task,
     get_task,
     paper_results,
     registry,
@@ -18,6 +19,8 @@ from .transforms import PREPROCESSING, make_transform, paper_pixel_values, to_rg
 from .writer import write_vtab_task
 
 __all__ = [
+    "check_vtab_task",
+    "closest_task",
     "BACKBONES",
     "FOLDER_ALIASES",
     "GROUPS",

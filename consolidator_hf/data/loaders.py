@@ -18,7 +18,7 @@ from typing import Any, List, Optional, Tuple
 
 import datasets
 
-from .registry import get_task
+from .registry import closest_task, get_task
 
 SPLITS: Tuple[str, ...] = ("train800", "val200", "train800val200", "test")
 
@@ -36,6 +36,10 @@ def _resolve_task(task: str, num_classes: Optional[int]) -> Tuple[Tuple[str, ...
         info = None
     if info is None:
         if num_classes is None:
+            near = closest_task(task)
+            if near is not None:
+                raise ValueError(f"task {task!r} is not in the VTAB-1k registry; did you mean "
+                                 f"{near!r}? (for a task of your own, pass num_classes)")
             raise ValueError(f"task {task!r} is not in the VTAB-1k registry: pass num_classes= explicitly")
         folders: Tuple[str, ...] = (task,)
     else:
@@ -99,12 +103,38 @@ def read_vtab_list(list_file: str, num_classes: int) -> Tuple[List[str], List[in
     return paths, labels
 
 
-def load_vtab1k(data_dir: str, task: str, split: str, *, num_classes: Optional[int] = None) -> datasets.Dataset:
+def check_vtab_task(data_dir: str, task: str, splits: Tuple[str, ...] = ("train800val200", "test"),
+                    *, num_classes: Optional[int] = None) -> int:
+    """Check a task before anything slow: its name (a near-miss gets "did you mean"), its folder,
+    that ``splits`` exist, and every list file present (format, labels, images). Returns the
+    class count. Raises ``ValueError`` / ``FileNotFoundError`` naming the problem."""
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"unknown VTAB-1k split {split!r}; expected one of {', '.join(SPLITS)}")
+    folders, n = _resolve_task(task, num_classes)
+    folder = _find_folder(os.fspath(data_dir), task, folders)
+    for split in splits:
+        list_file = os.path.join(folder, f"{split}.txt")
+        if not os.path.isfile(list_file):
+            raise FileNotFoundError(f"list file {list_file!r} for split {split!r} of task {task!r} "
+                                    "does not exist")
+    for split in SPLITS:
+        list_file = os.path.join(folder, f"{split}.txt")
+        if os.path.isfile(list_file):
+            read_vtab_list(list_file, n)
+    return n
+
+
+def load_vtab1k(data_dir: str, task: str, split: str, *, num_classes: Optional[int] = None,
+                validate_all_splits: bool = True) -> datasets.Dataset:
     """One split of one VTAB-1k task from the on-disk format.
 
     ``task`` is a training name (``cifar100``) or folder name (``cifar``); either folder spelling
     is found under ``data_dir``. ``num_classes`` defaults to the registry's class count; pass it
     for tasks that are not in the registry (same on-disk format, any folder name).
+    ``validate_all_splits``: also check the task's other list files (those present of
+    :data:`SPLITS`) with the same rules, so a bad label in ``train800.txt`` fails even when
+    only ``train800val200.txt`` is loaded (the four files describe one download).
 
     >>> ds = load_vtab1k("data/vtab-1k", "cifar100", "train800val200")  # doctest: +SKIP
     >>> ds.features["label"].num_classes  # doctest: +SKIP
@@ -118,6 +148,11 @@ def load_vtab1k(data_dir: str, task: str, split: str, *, num_classes: Optional[i
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"list file {list_file!r} for split {split!r} of task {task!r} does not exist")
     paths, labels = read_vtab_list(list_file, n)
+    if validate_all_splits:
+        for other in SPLITS:
+            other_file = os.path.join(folder, f"{other}.txt")
+            if other != split and os.path.isfile(other_file):
+                read_vtab_list(other_file, n)
     return datasets.Dataset.from_dict({"image": paths, "label": labels}, features=vtab_features(n))
 
 

@@ -4,11 +4,12 @@ recipes and reported accuracies. Read from ``vtab1k.json`` shipped inside the pa
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 GROUPS: Tuple[str, ...] = ("natural", "specialized", "structured")
 BACKBONES: Tuple[str, ...] = ("vit_b16_in21k", "mocov3_vit_b16")
@@ -64,7 +65,22 @@ def get_task(name: str) -> VtabTask:
     for t in tasks():
         if name in t.folder_names:
             return t
-    raise ValueError(f"unknown VTAB-1k task {name!r}; known tasks: {', '.join(task_names())}")
+    raise ValueError(f"unknown VTAB-1k task {name!r}{did_you_mean(name)}; "
+                     f"known tasks: {', '.join(task_names())}")
+
+
+def closest_task(name: str) -> Optional[str]:
+    """The registry name (training or folder spelling) closest to ``name``, if one is close
+    (``difflib``, cutoff 0.75): ``cifar1000`` -> ``cifar100``."""
+    spellings = [n for t in tasks() for n in t.folder_names]
+    match = difflib.get_close_matches(name, spellings, n=1, cutoff=0.75)
+    return match[0] if match else None
+
+
+def did_you_mean(name: str) -> str:
+    """``"; did you mean 'cifar100'?"`` for a near-miss of a task name, else ``""``."""
+    match = closest_task(name)
+    return f"; did you mean {match!r}?" if match else ""
 
 
 def shared_recipe() -> Dict[str, Any]:

@@ -5,19 +5,33 @@ and the standard artifacts (adapter, merged model, model card, ``metrics.json``)
 - :mod:`.config`: :class:`FinetuneConfig` (nesting a ``ConsolidatorConfig``), :func:`apply_recipe`;
 - :mod:`.methods`: the five methods' model wrapping, :func:`parameter_summary`, :func:`peft_available`;
 - :mod:`.trainer`: :class:`AdapterTrainer`, the LR schedule, the trainable-tensor checkpoint format;
+- :mod:`.checks`: what a run checks before slow work (backbone source, output folder, warmup);
 - :mod:`.run`: :func:`run_finetune`, the run-folder layout, :func:`push_training_run`.
 """
 
+from .checks import check_model_source, clamp_warmup, existing_run, prepare_output_dir
 from .config import METHODS, PREPROCESS, RECIPES, SAVE_STRATEGIES, FinetuneConfig, apply_recipe
-from .methods import parameter_summary, peft_available, unwrap_model, wrap_model
-from .run import RUN_DETAILS, build_training_args, load_splits, push_training_run, run_finetune
-from .trainer import (
-    TRAINABLE_WEIGHTS_NAME,
-    AdapterTrainer,
-    load_trainable_state,
-    save_trainable_state,
-    warmup_cosine_lambda,
-)
+
+# The rest pulls in transformers' Trainer (seconds): imported on first use, so that a command
+# line can check its arguments against FinetuneConfig before paying for it.
+_LAZY = {
+    "parameter_summary": "methods", "peft_available": "methods", "unwrap_model": "methods",
+    "wrap_model": "methods",
+    "build_training_args": "run", "load_backbone": "run", "load_splits": "run",
+    "run_finetune": "run", "push_training_run": "run", "RUN_DETAILS": "run",
+    "TRAINABLE_WEIGHTS_NAME": "trainer", "AdapterTrainer": "trainer",
+    "load_trainable_state": "trainer", "save_trainable_state": "trainer",
+    "warmup_cosine_lambda": "trainer",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "METHODS",
@@ -30,6 +44,11 @@ __all__ = [
     "FinetuneConfig",
     "apply_recipe",
     "build_training_args",
+    "check_model_source",
+    "clamp_warmup",
+    "existing_run",
+    "load_backbone",
+    "prepare_output_dir",
     "load_splits",
     "load_trainable_state",
     "parameter_summary",

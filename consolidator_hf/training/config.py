@@ -137,7 +137,8 @@ class FinetuneConfig:
     gradient_accumulation_steps: int = field(default=1, metadata=_help(
         "batches accumulated per optimizer step"))
     warmup_epochs: float = field(default=10.0, metadata=_help(
-        "linear warmup length in epochs (converted to steps)"))
+        "linear warmup length in epochs (converted to steps; clamped, with a warning, to half "
+        "the run when longer)"))
     warmup_start_lr: float = field(default=0.0, metadata=_help("learning rate at the first step"))
     min_lr: float = field(default=0.0, metadata=_help("learning rate the cosine decays to"))
     seed: int = field(default=42, metadata=_help("seed of the head, the branches and the data order"))
@@ -148,7 +149,7 @@ class FinetuneConfig:
         "the backbone's image processor, or the paper's bicubic resize + ImageNet mean/std",
         PREPROCESS))
     image_size: Optional[int] = field(default=None, metadata=_help(
-        "input size (default: 224 for paper, the model's own for processor)"))
+        "input size in pixels (default: the model's own image size, for both preprocessings)"))
     recipe: str = field(default="custom", metadata=_help(
         "'paper' fills the options you do not give from the paper's per-task recipe", RECIPES))
     backbone: str = field(default="vit_b16_in21k", metadata=_help(
@@ -158,6 +159,9 @@ class FinetuneConfig:
         "run folder: adapter/, merged/, metrics.json, checkpoints/"))
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help(
         "a checkpoint folder, or 'last' for the newest under <output-dir>/checkpoints"))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "clear an output folder that holds another run first (without it, such a folder is "
+        "refused before any work)"))
     save_strategy: str = field(default="epoch", metadata=_help(
         "when to write a checkpoint", SAVE_STRATEGIES))
     save_steps: int = field(default=500, metadata=_help("checkpoint interval for --save-strategy steps"))

@@ -26,6 +26,15 @@ from ..hub import check_can_upload, push_merged
 from ..io import PathLike, atomic_write_text, is_hub_id, write_folder
 from ..model import ConsolidatorModel
 from ..publish import load_for_publishing, save_adapter, save_merged
+from .checks import (
+    check_model_source,
+    clamp_warmup,
+    clean_failed_run,
+    hub_unreachable_message,
+    looks_like_path,
+    prepare_output_dir,
+    write_run_metadata,
+)
 from .config import FinetuneConfig, apply_recipe
 from .methods import parameter_summary, wrap_model
 from .trainer import AdapterTrainer, save_trainable_state
@@ -40,8 +49,8 @@ def _load_processor(cfg: FinetuneConfig, image_size: int):
         from ..processors import default_image_processor
 
         return default_image_processor(image_size, "paper")
-    try:
-        return AutoImageProcessor.from_pretrained(cfg.model)
+    try:  # the PIL backend, chosen: torchvision is not a dependency (no fallback warning)
+        return AutoImageProcessor.from_pretrained(cfg.model, backend="pil")
     except (OSError, ValueError) as e:
         raise ValueError(f"model {cfg.model!r} has no image processor (preprocessor_config.json) "
                          f"for preprocess='processor' ({e}); use preprocess='paper'") from None
@@ -55,7 +64,9 @@ def load_splits(cfg: FinetuneConfig):
     if not cfg.task:
         raise ValueError("task: name the VTAB-1k task (folder under data_dir)")
     train = load_vtab1k(cfg.data_dir, cfg.task, cfg.train_split, num_classes=cfg.num_classes)
-    evals = load_vtab1k(cfg.data_dir, cfg.task, cfg.eval_split, num_classes=cfg.num_classes)
+    # the first call checked all four list files of the task
+    evals = load_vtab1k(cfg.data_dir, cfg.task, cfg.eval_split, num_classes=cfg.num_classes,
+                        validate_all_splits=False)
     if cfg.max_train_samples:
         train = train.select(range(min(cfg.max_train_samples, len(train))))
     if cfg.max_eval_samples:
@@ -98,7 +109,7 @@ def _write_outputs(model: nn.Module, processor, cfg: FinetuneConfig,
     with write_folder(merged_dir) as tmp:
         merged.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-        baseline_card(cfg, metrics, location=merged_dir).save(os.path.join(tmp, CARD_NAME))
+        baseline_card(cfg, metrics, local_path=merged_dir).save(os.path.join(tmp, CARD_NAME))
     _write_metrics(out, metrics)
 
 
@@ -132,32 +143,104 @@ def build_training_args(cfg: FinetuneConfig) -> TrainingArguments:
     )
 
 
+class _DropLoadReport:
+    """A ``logging`` filter dropping transformers' state-dict load report (see load_backbone)."""
+
+    def filter(self, record) -> bool:
+        return "LOAD REPORT" not in str(record.msg)
+
+
+def load_backbone(model: str, id2label: Dict[int, str]) -> nn.Module:
+    """``AutoModelForImageClassification`` from ``model`` with a fresh head for ``id2label``.
+
+    The labels are passed as ``id2label``/``label2id`` only (a backbone saved with other labels
+    then gets no ``num_labels`` mismatch warning). transformers' load-report table is held back
+    for this one call: a missing or resized head is what fine-tuning expects; any *other*
+    weight that the checkpoint lacks is reported here, as one warning.
+    """
+    import logging
+    import warnings
+
+    from transformers import AutoModelForImageClassification
+
+    from ..targets import head_module_name
+
+    # A filter, not a level: transformers checks this logger's level to decide on other warnings.
+    report_logger = logging.getLogger("transformers.modeling_utils")
+    hold_report = _DropLoadReport()
+    report_logger.addFilter(hold_report)
+    try:
+        base, info = AutoModelForImageClassification.from_pretrained(
+            model, id2label=id2label, label2id={n: i for i, n in id2label.items()},
+            ignore_mismatched_sizes=True, output_loading_info=True)
+    except OSError as e:
+        if not looks_like_path(model) and "connect" in str(e).lower():
+            raise ValueError(hub_unreachable_message(
+                model, model == FinetuneConfig.model, "no network")) from None
+        raise
+    finally:
+        report_logger.removeFilter(hold_report)
+    head = head_module_name(base)
+    mismatched = [k[0] if isinstance(k, (tuple, list)) else k
+                  for k in info.get("mismatched_keys", [])]
+    fresh = [k for k in list(info.get("missing_keys", [])) + mismatched
+             if not k.startswith(head + ".")]
+    if fresh:
+        warnings.warn(f"model {model!r}: {len(fresh)} weights besides the head are not in the "
+                      f"checkpoint and start from random values: {sorted(fresh)[:8]}",
+                      UserWarning, stacklevel=2)
+    return base
+
+
 def run_finetune(cfg: FinetuneConfig, callbacks: Optional[List[Any]] = None) -> Dict[str, Any]:
     """Fine-tune, evaluate and write ``adapter/``, ``merged/`` (with ``README.md`` and
     ``preprocessor_config.json``) and ``metrics.json`` into ``cfg.output_dir``.
 
-    ``callbacks``: extra ``transformers.TrainerCallback`` objects for the Trainer.
-    Returns the metrics dict (also written to ``metrics.json`` by the main process only).
+    Before any slow work: the backbone source is checked, and an output folder holding another
+    run is refused (see :func:`~consolidator_hf.training.checks.prepare_output_dir`). A run that
+    fails leaves no empty folder behind. ``callbacks``: extra ``transformers.TrainerCallback``
+    objects for the Trainer. Returns the metrics dict (also written to ``metrics.json`` by the
+    main process only).
     """
-    from transformers import AutoModelForImageClassification, set_seed
+    cfg = apply_recipe(cfg)
+    cfg.validate()
+    check_model_source(cfg.model)
+    created = not os.path.exists(cfg.output_dir)
+    prepare_output_dir(cfg)
+    try:
+        return _run(cfg, callbacks)
+    except BaseException:
+        if _is_main_process():
+            clean_failed_run(cfg.output_dir, created)
+        raise
+
+
+def _is_main_process() -> bool:
+    from accelerate import PartialState
+
+    try:
+        return PartialState().is_main_process
+    except Exception:  # no state could be built: a single process
+        return True
+
+
+def _run(cfg: FinetuneConfig, callbacks: Optional[List[Any]]) -> Dict[str, Any]:
+    from transformers import set_seed
 
     from ..data import make_transform
 
-    cfg = apply_recipe(cfg)
-    cfg.validate()
+    train_ds, eval_ds = load_splits(cfg)  # before the process group: bad data fails fast
     args = build_training_args(cfg)  # sets up the process group under accelerate/torchrun
-    train_ds, eval_ds = load_splits(cfg)
+    cfg = clamp_warmup(cfg, len(train_ds), args.world_size)
     label_feature = train_ds.features["label"]
     names = list(getattr(label_feature, "names", None) or
                  [str(i) for i in range(label_feature.num_classes)])
     id2label = {i: n for i, n in enumerate(names)}
 
     set_seed(cfg.seed)  # the new head and the branches start from the same draw on every rank
-    base = AutoModelForImageClassification.from_pretrained(
-        cfg.model, num_labels=len(names), id2label=id2label,
-        label2id={n: i for i, n in id2label.items()}, ignore_mismatched_sizes=True)
-    image_size = cfg.image_size or (224 if cfg.preprocess == "paper"
-                                    else getattr(base.config, "image_size", 224))
+    base = load_backbone(cfg.model, id2label)
+    # Both preprocessings default to the model's own input size (a 32-px model gets 32 px).
+    image_size = cfg.image_size or getattr(base.config, "image_size", 224)
     processor = _load_processor(cfg, image_size)
     transform = make_transform(cfg.preprocess, image_processor=processor, image_size=image_size)
     train_ds.set_transform(transform)
@@ -173,6 +256,8 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Optional[List[Any]] = None) -> 
     resume: Any = cfg.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
         resume = True  # the newest checkpoint-N under output_dir/checkpoints
+    if trainer.is_world_process_zero():
+        write_run_metadata(cfg)  # names this run to a later one given the same folder
     start = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=resume)
     train_runtime = time.perf_counter() - start
