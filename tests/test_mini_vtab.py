@@ -302,13 +302,29 @@ def test_default_methods_grids():
         default_methods(100)
 
 
-def test_quick_benchmark_end_to_end(tmp_path, toy_backbone):
+class _Ran:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def _mini_vtab(args, capsys):
+    """scripts/mini_vtab.py's main in this process (its CLI entry point, run_cli, included):
+    the same run as a subprocess without three interpreter and import start-ups."""
+    from consolidator_hf.cli import run_cli
+    from script_module import load_script
+
+    capsys.readouterr()
+    code = run_cli(load_script("mini_vtab").main, list(args), prog="mini_vtab.py")
+    out, err = capsys.readouterr()
+    return _Ran(code, out, err)
+
+
+def test_quick_benchmark_end_to_end(tmp_path, toy_backbone, capsys):
     folder, _ = toy_backbone
     out, data = tmp_path / "out", tmp_path / "data"
-    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "scripts", "mini_vtab.py"),
-           "--quick", "--backbone", folder, "--data-dir", str(data), "--output-dir", str(out),
+    cmd = ["--quick", "--backbone", folder, "--data-dir", str(data), "--output-dir", str(out),
            "--threads", "1", "--epochs", "1"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res = _mini_vtab(cmd, capsys)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     labels = ["linear", "bitfit", "lora", "full", "consolidator-g16", "consolidator-g4"]
     md = (out / "results.md").read_text()
@@ -335,13 +351,13 @@ def test_quick_benchmark_end_to_end(tmp_path, toy_backbone):
     assert set(summary) == set(labels)
 
     # started again: every run is reused, nothing trains, the same table comes out
-    res2 = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    res2 = _mini_vtab(cmd, capsys)
     assert res2.returncode == 0, res2.stderr[-3000:]
     assert ": acc " not in res2.stdout
     assert list(csv.DictReader(open(out / "results.csv"))) == rows
     # ...unless a setting changed: then exactly the affected runs train again
-    res3 = subprocess.run(cmd[:-1] + ["2", "--methods", "linear", "full", "--peft-learning-rates", "0.02",
-                                      "--full-learning-rates", "0.002"], capture_output=True, text=True, timeout=600)
+    res3 = _mini_vtab(cmd[:-1] + ["2", "--methods", "linear", "full", "--peft-learning-rates", "0.02",
+                                  "--full-learning-rates", "0.002"], capsys)
     assert res3.returncode == 0, res3.stderr[-3000:]
     assert res3.stdout.count("settings changed since the stored run") == 2  # the two final runs
     rows3 = list(csv.DictReader(open(out / "results.csv")))

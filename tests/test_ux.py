@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from consolidator_hf.cli import run_cli
 from consolidator_hf.data import check_vtab_task, closest_task, get_task, load_vtab1k
 from consolidator_hf.training import FinetuneConfig, clamp_warmup, existing_run, run_finetune
 from script_module import load_script
@@ -93,33 +94,57 @@ def test_a_failed_resume_leaves_no_empty_folders(tiny):
 
 
 # ---------------------------------------------------------------------- command lines
-def test_cli_prints_library_errors_as_one_line_with_exit_2(tiny):
+def _in_process(script, *args, capsys, env=None, monkeypatch=None):
+    """The script's own ``run_cli(main)`` in this process (no interpreter start-up):
+    ``(exit status, stdout, stderr)``."""
+    for k, v in (env or {}).items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    code = run_cli(load_script(script).main, list(args), prog=f"{script}.py")
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_line(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_cli_prints_library_errors_as_one_line_with_exit_2(tiny, capsys, monkeypatch):
+    # one real interpreter: the exit status and stderr as a shell sees them
     _one_line_error(_cli("finetune.py", "--task", "cifar1000", "--data-dir", str(tiny / "vtab")),
                     "finetune.py: error:", "did you mean 'cifar100'?")
-    _one_line_error(_cli("finetune.py", "--task", "tiny_task", "--num-classes", "3",
-                         "--data-dir", str(tiny / "vtab"), "--model", "/nonexistent"),
-                    "no such folder '/nonexistent'")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    run = lambda *a, **kw: _in_process("finetune", *a, capsys=capsys, monkeypatch=monkeypatch, **kw)
+    _one_line(*run("--task", "tiny_task", "--num-classes", "3", "--data-dir", str(tiny / "vtab"),
+                   "--model", "/nonexistent")[::2], "no such folder '/nonexistent'")
     # the default backbone is a Hub id: offline, the message names the flag
-    _one_line_error(_cli("finetune.py", "--task", "tiny_task", "--num-classes", "3",
-                         "--data-dir", str(tiny / "vtab")),
-                    "the default of --model", "HF_HUB_OFFLINE=1", "--model FOLDER")
-    r = _cli("finetune.py", "--task", "tiny_task", "--consolidator-kwargs", "{bad")
-    assert r.returncode == 2
-    assert "argument --consolidator-kwargs: not valid JSON" in r.stderr and "column 2" in r.stderr
+    _one_line(*run("--task", "tiny_task", "--num-classes", "3",
+                   "--data-dir", str(tiny / "vtab"))[::2],
+              "the default of --model", "HF_HUB_OFFLINE=1", "--model FOLDER")
+    with pytest.raises(SystemExit) as e:  # argparse's own error: names the flag, exit 2
+        run("--task", "tiny_task", "--consolidator-kwargs", "{bad")
+    err = capsys.readouterr().err
+    assert e.value.code == 2
+    assert "argument --consolidator-kwargs: not valid JSON" in err and "column 2" in err
     # --debug (or CONSOLIDATOR_DEBUG=1) shows the traceback
-    r = _cli("finetune.py", "--task", "cifar1000", "--debug")
-    assert r.returncode == 2 and "Traceback" in r.stderr and "did you mean" in r.stderr
-    r = _cli("finetune.py", "--task", "cifar1000", env={"CONSOLIDATOR_DEBUG": "1"})
-    assert r.returncode == 2 and "Traceback" in r.stderr
+    code, _, err = run("--task", "cifar1000", "--debug")
+    assert code == 2 and "Traceback" in err and "did you mean" in err
+    code, _, err = run("--task", "cifar1000", env={"CONSOLIDATOR_DEBUG": "1"})
+    assert code == 2 and "Traceback" in err
 
 
-def test_a_folder_holding_a_run_is_refused_by_the_cli(tiny):
+def test_a_folder_holding_a_run_is_refused_by_the_cli(tiny, capsys):
     out = tiny / "cli-out"
     run_finetune(_cfg(tiny, out))
-    line = _one_line_error(_cli("finetune.py", "--task", "tiny_task", "--num-classes", "3",
-                                "--data-dir", str(tiny / "vtab"), "--model", str(tiny / "backbone"),
-                                "--method", "linear", "--output-dir", str(out)),
-                           "holds another run", "--overwrite-output-dir")
+    code, _, err = _in_process("finetune", "--task", "tiny_task", "--num-classes", "3",
+                               "--data-dir", str(tiny / "vtab"), "--model", str(tiny / "backbone"),
+                               "--method", "linear", "--output-dir", str(out), capsys=capsys)
+    line = _one_line(code, err, "holds another run", "--overwrite-output-dir")
     assert "method consolidator" in line
 
 
@@ -153,12 +178,13 @@ def test_help_shows_the_defaults(script, capsys):
         assert needle in text, (script, needle)
 
 
-def test_quickstart_explains_its_numbers():
-    r = _cli("quickstart.py", "--steps", "3", "--threads", "1")
-    assert r.returncode == 0, r.stderr[-2000:]
-    assert "(chance: 0.100)" in r.stdout and "never trained on" in r.stdout
-    assert "max |merged - unmerged| logits" in r.stdout
-    _one_line_error(_cli("quickstart.py", "--steps", "0"), "--steps and --threads must be >= 1")
+def test_quickstart_explains_its_numbers(capsys):
+    code, out, err = _in_process("quickstart", "--steps", "3", "--threads", "1", capsys=capsys)
+    assert code == 0, err
+    assert "(chance: 0.100)" in out and "never trained on" in out
+    assert "max |merged - unmerged| logits" in out
+    _one_line(*_in_process("quickstart", "--steps", "0", capsys=capsys)[::2],
+              "--steps and --threads must be >= 1")
 
 
 # ---------------------------------------------------------------------- data and schedule
@@ -210,17 +236,18 @@ def test_runs_are_quiet_and_paper_preprocessing_uses_the_models_size(tiny, capfd
 
 
 # ---------------------------------------------------------------------- reports and cards
-def test_collect_results_says_what_it_skipped(tmp_path):
+def test_collect_results_says_what_it_skipped(tmp_path, capsys):
     runs = tmp_path / "runs"
     (runs / "mine").mkdir(parents=True)
     (runs / "mine" / "metrics.json").write_text(json.dumps({"task": "digits_5to9", "accuracy": 0.9}))
-    r = _cli("collect_results.py", str(runs), "--no-plot")
-    assert r.returncode == 0, r.stderr
-    assert "skipped:" in r.stderr and "'digits_5to9' is not a VTAB-1k task" in r.stderr
-    assert "no VTAB-1k run found" in r.stderr
+    code, _, err = _in_process("collect_results", str(runs), "--no-plot", capsys=capsys)
+    assert code == 0, err
+    assert "skipped:" in err and "'digits_5to9' is not a VTAB-1k task" in err
+    assert "no VTAB-1k run found" in err
     md = (runs / "vtab_results.md").read_text().splitlines()
     assert md[2] == "Skipped:" and "digits_5to9" in md[4]  # at the top, above the table
-    _one_line_error(_cli("collect_results.py", str(tmp_path / "nowhere")), "does not exist")
+    _one_line(*_in_process("collect_results", str(tmp_path / "nowhere"), capsys=capsys)[::2],
+              "does not exist")
 
 
 def test_cards_have_no_placeholder_paths_or_empty_columns(tiny):

@@ -115,7 +115,9 @@ def _finetune(cfg: BenchmarkConfig, task: str, spec: MethodSpec, point: Dict[str
                   {k: v for k, v in point.items() if k != "drop_rate"})
     ft = FinetuneConfig(model=cfg.backbone, task=task, data_dir=cfg.data_dir,
                         num_classes=get_task(task).num_classes, train_split=train_split,
-                        eval_split=eval_split, method=spec.method, seed=seed, output_dir=out, **fields)
+                        eval_split=eval_split, method=spec.method, seed=seed, output_dir=out,
+                        overwrite_output_dir=True,  # a changed setting retrains into its folder
+                        **fields)
     done = os.path.join(out, "metrics.json")
     if os.path.isfile(done):
         with open(done, encoding="utf-8") as f:

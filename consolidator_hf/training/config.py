@@ -229,8 +229,9 @@ class FinetuneConfig:
     def to_dict(self) -> Dict[str, Any]:
         """Flat fields (the adapter views included) plus ``consolidator``: the nested config's
         other fields. ``from_dict`` reads it back."""
+        # overwrite_output_dir is what to do with the folder, not a setting of the run
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-             if f.name != "consolidator"}
+             if f.name not in ("consolidator", "overwrite_output_dir")}
         d["groups"] = list(self.groups)
         views = adapter_view_names()
         d["consolidator"] = {k: v for k, v in adapter_dict(self.consolidator).items()

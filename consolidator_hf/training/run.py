@@ -231,6 +231,7 @@ def _run(cfg: FinetuneConfig, callbacks: Optional[List[Any]]) -> Dict[str, Any]:
 
     train_ds, eval_ds = load_splits(cfg)  # before the process group: bad data fails fast
     args = build_training_args(cfg)  # sets up the process group under accelerate/torchrun
+    requested = cfg  # metrics.json records the settings asked for (reruns compare them)
     cfg = clamp_warmup(cfg, len(train_ds), args.world_size)
     label_feature = train_ds.features["label"]
     names = list(getattr(label_feature, "names", None) or
@@ -276,9 +277,11 @@ def _run(cfg: FinetuneConfig, callbacks: Optional[List[Any]]) -> Dict[str, Any]:
         "num_processes": trainer.accelerator.num_processes,
         "parallel_mode": str(args.parallel_mode.value), "device": str(args.device),
         "loss_history": [[h["step"], h["loss"]] for h in trainer.state.log_history if "loss" in h],
-        "config": cfg.to_dict(), "torch_version": torch.__version__,
+        "config": requested.to_dict(), "torch_version": torch.__version__,
         "transformers_version": __import__("transformers").__version__,
     }
+    if cfg.warmup_epochs != requested.warmup_epochs:
+        metrics["warmup_epochs_clamped"] = cfg.warmup_epochs
     if trainer.is_world_process_zero():
         _write_outputs(trainer.accelerator.unwrap_model(trainer.model), processor, cfg, metrics)
         print(f"[rank {args.process_index}] wrote {cfg.output_dir}: adapter/, merged/, metrics.json",
