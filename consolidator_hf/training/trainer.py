@@ -16,6 +16,7 @@ from transformers import Trainer
 from .._io import atomic_save_safetensors, atomic_write_text, load_safetensors
 from ..config import WEIGHTS_NAME
 from ..model import ConsolidatorModel
+from ..storage import check_tensor
 from .methods import unwrap_model
 
 #: Trainable tensors of a non-Consolidator method (checkpoints and ``adapter/``).
@@ -79,7 +80,13 @@ def load_trainable_state(model: nn.Module, directory: str) -> None:
         if value.shape != params[name].shape:
             raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model expects "
                              f"{tuple(params[name].shape)}")
+        check_tensor(value, name, path)
         params[name].copy_(value.to(params[name].dtype))
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf: the run stops at that step (before the optimizer
+    applies it), and writes neither ``adapter/`` nor ``merged/``."""
 
 
 class AdapterTrainer(Trainer):
@@ -97,6 +104,23 @@ class AdapterTrainer(Trainer):
         self.warmup_epochs = warmup_epochs
         self.warmup_start_lr = warmup_start_lr
         self.min_lr = min_lr
+
+    def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base step, then a stop at the first non-finite loss (the base class would go on,
+        logging ``loss 0`` / ``grad_norm nan``, and write a NaN adapter at the end). The check
+        reads the loss on the host, as the base loop's own NaN filter already does each step;
+        with several processes the flag is reduced so that every rank stops together."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bool(bad.item()):
+            raise NonFiniteLossError(
+                f"training stopped at step {self.state.global_step + 1} (epoch "
+                f"{float(self.state.epoch or 0.0):.3f}): the loss is {loss.detach().float().mean().item()}"
+                f"{'' if self.args.world_size == 1 else ' (on at least one process)'}; no "
+                "adapter or merged model is written. Lower the learning rate, or check the data")
+        return loss
 
     def _sharded(self) -> bool:
         return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)

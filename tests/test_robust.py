@@ -1,0 +1,182 @@
+"""Issue 13: refusal of bad input (non-finite values, wrong dtypes, bad fields, bad data),
+exact unload after low-precision merges, resume checks, and all-or-nothing writes under
+SIGKILL and injected failures."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from consolidator_hf import ConsolidatorConfig, ConsolidatorModel, save_merged
+from consolidator_hf.config import WEIGHTS_NAME
+from tiny import perturb_trainables, pixels, tiny_vit
+
+
+def _adapter(seed=0, groups=(4, 2)):
+    model = ConsolidatorModel(tiny_vit(seed), ConsolidatorConfig(groups=groups))
+    perturb_trainables(model, seed=seed + 1)
+    return model.eval()
+
+
+# ---------------------------------------------------------------------- non-finite values
+@pytest.mark.parametrize("where", ["classifier.weight", "vit.layernorm.bias",
+                                   "vit.layers.0.layernorm_before.weight",
+                                   "vit.embeddings.cls_token"])
+def test_safe_merge_refuses_nan_outside_the_adapted_layers(where):
+    model = _adapter()
+    with torch.no_grad():
+        model.base_model.get_parameter(where).view(-1)[0] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for merge in (lambda: model.merge_and_unload(safe_merge=True),
+                  lambda: model.merge_adapter(safe_merge=True)):
+        with pytest.raises(ValueError, match=where.replace(".", r"\.")):
+            merge()
+        assert not any(l.merged for _, l in model.consolidator_layers())
+    after = model.state_dict()
+    assert all(torch.allclose(before[k], after[k], rtol=0, atol=0, equal_nan=True) for k in before)
+
+
+def test_safe_merge_refuses_a_nan_branch_naming_the_layer():
+    model = _adapter()
+    name, layer = next(iter(model.consolidator_layers()))
+    with torch.no_grad():
+        layer.branches[1].weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match=name):
+        model.merge_and_unload(safe_merge=True)
+
+
+def test_save_merged_refuses_nan_head_and_writes_nothing(tmp_path):
+    model = _adapter()
+    with torch.no_grad():
+        model.base_model.classifier.bias[1] = float("nan")
+    with pytest.raises(ValueError, match=r"classifier\.bias"):
+        save_merged(model, tmp_path / "merged")
+    assert os.listdir(tmp_path) == []
+
+
+def _rewrite_adapter(folder, change):
+    path = os.path.join(folder, WEIGHTS_NAME)
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        meta = f.metadata()
+    tensors = load_file(path)
+    key = change(tensors, meta)
+    save_file(tensors, path, metadata=meta)
+    return path, key
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf", "int64", "bool"])
+def test_adapter_load_refuses_non_finite_and_non_float_tensors(tmp_path, bad):
+    _adapter().save_pretrained(tmp_path)
+
+    def change(tensors, meta):
+        key = sorted(k for k in tensors if k.endswith(".delta"))[0] if bad in ("nan", "inf") \
+            else "classifier.weight"
+        t = tensors[key]
+        if bad == "nan":
+            t.view(-1)[3] = float("nan")
+        elif bad == "inf":
+            t.view(-1)[3] = float("-inf")
+        else:
+            tensors[key] = (t > 0).to(torch.int64 if bad == "int64" else torch.bool)
+        return key
+
+    path, key = _rewrite_adapter(tmp_path, change)
+    with pytest.raises(ValueError) as e:
+        ConsolidatorModel.from_pretrained(tiny_vit(0), tmp_path)
+    assert path in str(e.value) and key in str(e.value)
+    assert ("NaN or inf" in str(e.value)) == (bad in ("nan", "inf"))
+
+
+@pytest.mark.parametrize("version,msg", [("1.0", "not a positive integer"),
+                                         ("0", "not a positive integer"),
+                                         ("-5", "not a positive integer"),
+                                         ("7", "newer than this library")])
+def test_adapter_file_format_version_is_checked(tmp_path, version, msg):
+    _adapter().save_pretrained(tmp_path)
+
+    def change(tensors, meta):
+        meta["format_version"] = version
+
+    _rewrite_adapter(tmp_path, change)
+    with pytest.raises(ValueError, match=msg):
+        ConsolidatorModel.from_pretrained(tiny_vit(0), tmp_path)
+
+
+@pytest.mark.parametrize("version,msg", [("1", "integer >= 1"), (0, "integer >= 1"),
+                                         (-5, "integer >= 1"), (True, "integer >= 1"),
+                                         (2, "newer than this library")])
+def test_config_format_version_must_be_a_positive_int(version, msg):
+    d = ConsolidatorConfig(groups=(4,)).to_dict()
+    d["format_version"] = version
+    with pytest.raises(ValueError, match=f"format_version: .*{msg}"):
+        ConsolidatorConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -1e-3, True, "1e-3"])
+def test_config_init_range_finite_positive_not_bool(value):
+    with pytest.raises(ValueError, match="init_range"):
+        ConsolidatorConfig(groups=(4,), init_range=value)
+
+
+# ---------------------------------------------------------------------- exact unload
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_unload_after_merge_restores_the_base_bit_for_bit(dtype):
+    base = tiny_vit(0).to(dtype)
+    original = {k: v.clone() for k, v in base.state_dict().items()}
+    model = ConsolidatorModel(base, ConsolidatorConfig(groups=(4, 2)))
+    perturb_trainables(model)
+    if dtype == torch.float32:  # huge deltas: W0 + D - D would lose W0 entirely
+        with torch.no_grad():
+            for _, layer in model.consolidator_layers():
+                layer.branches[0].weight.fill_(1e8)
+    model.merge_adapter()
+    model.unmerge_adapter()  # unmerge, then merge again: the record is refreshed each time
+    model.merge_adapter()
+    restored = model.unload().state_dict()
+    assert set(restored) == set(original)
+    for k, v in original.items():
+        assert torch.equal(restored[k], v), k
+
+
+def test_conversion_refuses_a_nan_branch_and_writes_nothing(tmp_path):
+    from consolidator_hf.convert import ConversionError, convert_checkpoint
+    from test_convert import make_state, save_checkpoint
+
+    state = make_state()
+    state["blocks.1.mlp.fc1.fc_rep_branches.0.group_fc.weight"][5, 0, 0] = float("nan")
+    path = save_checkpoint(tmp_path / "c.pth", state)
+    with pytest.raises(ConversionError, match=r"blocks\.1\.mlp\.fc1\.fc_rep_branches\.0\.group_fc\.weight"):
+        convert_checkpoint(path, tmp_path / "out")
+    assert sorted(os.listdir(tmp_path)) == ["c.pth"]
+
+
+def test_training_stops_at_the_first_non_finite_loss(tmp_path):
+    from consolidator_hf.training import FinetuneConfig, run_finetune
+    from consolidator_hf.training.trainer import NonFiniteLossError
+    from tiny_vtab import write_tiny_workdir
+
+    write_tiny_workdir(tmp_path)
+    seen = []
+
+
+    cfg = FinetuneConfig(model=str(tmp_path / "backbone"), task="tiny_task",
+                         data_dir=str(tmp_path / "vtab"), num_classes=3, groups=(8,),
+                         learning_rate=1e-2, batch_size=8, max_steps=6, warmup_epochs=0,
+                         logging_steps=1, save_strategy="no", output_dir=str(tmp_path / "run"))
+    from transformers import TrainerCallback
+
+    class NanAfterTwo(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kw):
+            seen.append(state.global_step)
+            if state.global_step == 2:
+                with torch.no_grad():
+                    model.base_model.classifier.weight.fill_(float("nan"))
+
+    with pytest.raises(NonFiniteLossError, match=r"step 3\b"):
+        run_finetune(cfg, callbacks=[NanAfterTwo()])
+    assert seen == [1, 2]
+    out = os.listdir(tmp_path / "run")
+    assert "adapter" not in out and "merged" not in out and "metrics.json" not in out
