@@ -157,6 +157,10 @@ class FinetuneConfig:
         "run folder: adapter/, merged/, metrics.json, checkpoints/"))
     resume_from_checkpoint: Optional[str] = field(default=None, metadata=_help(
         "a checkpoint folder, or 'last' for the newest under <output-dir>/checkpoints"))
+    allow_partial_resume: bool = field(default=False, metadata=_help(
+        "resume from a checkpoint that lacks optimizer.pt, scheduler.pt or rng_state.pth "
+        "(with a warning; the run then does not continue exactly). Off: such a checkpoint "
+        "is refused"))
     save_strategy: str = field(default="epoch", metadata=_help(
         "when to write a checkpoint", SAVE_STRATEGIES))
     save_steps: int = field(default=500, metadata=_help("checkpoint interval for --save-strategy steps"))

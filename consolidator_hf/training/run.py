@@ -207,6 +207,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Optional[List[Any]] = None) -> 
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         compute_metrics=_compute_metrics, warmup_epochs=cfg.warmup_epochs,
         warmup_start_lr=cfg.warmup_start_lr, min_lr=cfg.min_lr, callbacks=callbacks,
+        allow_partial_resume=cfg.allow_partial_resume,
     )
     resume: Any = cfg.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
