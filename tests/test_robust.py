@@ -249,3 +249,114 @@ def test_resume_refuses_incomplete_or_corrupt_checkpoints(run_root, finished_run
             run_finetune(_run_cfg(run_root, "x", output_dir=str(tmp_path / "run"),
                                   resume_from_checkpoint="last", allow_partial_resume=True))
         assert os.path.isfile(tmp_path / "run" / "adapter" / WEIGHTS_NAME)
+
+
+# ---------------------------------------------------------------------- data
+def _task(tmp_path, n=4):
+    import numpy as np
+    from PIL import Image
+    from consolidator_hf.data import write_vtab_task
+
+    rng = np.random.default_rng(0)
+    ims = [Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(n)]
+    write_vtab_task(str(tmp_path / "vtab"), "t", {"train800": (ims, [i % 2 for i in range(n)])})
+    return tmp_path / "vtab" / "t"
+
+
+def _load(task_dir, **kw):
+    from consolidator_hf.data import load_vtab1k
+
+    return load_vtab1k(str(task_dir.parent), "t", "train800", num_classes=2, **kw)
+
+
+@pytest.mark.parametrize("rel", ["/etc/passwd", "../../etc/passwd", "images/../../t2/x.jpg"])
+def test_list_paths_must_stay_inside_the_task_folder(tmp_path, rel):
+    task = _task(tmp_path)
+    (task / "train800.txt").write_text(f"images/train800/000000.jpg 0\n{rel} 1\n")
+    with pytest.raises(ValueError, match=r"train800\.txt:2: image path .* must be relative and stay inside"):
+        _load(task)
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "png_truncated"])
+def test_bad_images_are_reported_at_load_with_their_path(tmp_path, kind):
+    from PIL import Image
+
+    task = _task(tmp_path)
+    bad = task / "images" / "train800" / "000002.jpg"
+    if kind == "text":
+        bad.write_text("not an image")
+    elif kind == "truncated":
+        data = bad.read_bytes()
+        bad.write_bytes(data[: len(data) * 2 // 3])
+    else:
+        bad = task / "images" / "train800" / "000002.png"
+        Image.new("RGB", (64, 64), (1, 2, 3)).save(bad)
+        bad.write_bytes(bad.read_bytes()[:-20])
+        (task / "train800.txt").write_text("images/train800/000002.png 0\n")
+    with pytest.raises(ValueError, match=f"train800.txt:\\d+: {bad}"):
+        _load(task)
+
+
+def test_pixel_limit_and_decode_time_downscale(tmp_path):
+    from PIL import Image
+    from consolidator_hf.data import decode_image, make_transform
+
+    task = _task(tmp_path)
+    big = task / "images" / "train800" / "000001.jpg"
+    Image.new("RGB", (2400, 2000), (200, 10, 10)).save(big, quality=90)
+    with pytest.raises(ValueError, match=r"000001\.jpg is 2400x2000 = 4,800,000 pixels, over the limit of 1,000,000"):
+        _load(task, max_pixels=1_000_000)
+    ds = _load(task)  # default limit
+    im = decode_image(str(big), (64, 64))
+    assert im.size == (600, 500)  # JPEG draft 1/4 (1/8 would go below 4 x 64 in height)
+    png = tmp_path / "big.png"
+    Image.new("RGB", (2600, 1300), (0, 90, 0)).save(png)
+    assert decode_image({"path": str(png), "bytes": None}, (64, 64)).size == (520, 260)  # reduce(5)
+    assert decode_image(str(big), (224, 224)).size == (1200, 1000)  # 1/2 only: margin kept
+    small = task / "images" / "train800" / "000000.jpg"
+    assert decode_image(str(small), (224, 224)).size == (16, 16)
+    import datasets
+    out = ds.cast_column("image", datasets.Image(decode=False))
+    out.set_transform(make_transform("paper", image_size=64))
+    assert out[1]["pixel_values"].shape == (3, 64, 64)
+    assert abs(out[1]["pixel_values"][0].mean().item() - (200 / 255 - 0.485) / 0.229) < 0.05
+
+
+def test_list_file_encoding(tmp_path):
+    task = _task(tmp_path)
+    lines = "images/train800/000000.jpg 0\nimages/train800/000001.jpg 1\n"
+    (task / "train800.txt").write_bytes(b"\xef\xbb\xbf" + lines.encode())
+    assert _load(task)["label"] == [0, 1]
+    (task / "train800.txt").write_bytes(lines.encode() + "images/caf\u00e9.jpg 1\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"train800\.txt:3: not UTF-8 text"):
+        _load(task)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "a/b", "a\\b"])
+def test_write_vtab_task_refuses_bad_task_names(tmp_path, name):
+    from consolidator_hf.data import write_vtab_task
+    import numpy as np
+
+    (tmp_path / "root" / "sibling").mkdir(parents=True)
+    (tmp_path / "root" / "keep.txt").write_text("x")
+    with pytest.raises(ValueError, match="task name"):
+        write_vtab_task(str(tmp_path / "root"), name,
+                        {"train800": ([np.zeros((4, 4, 3), np.uint8)], [0])})
+    assert sorted(os.listdir(tmp_path)) == ["root"]
+    assert sorted(os.listdir(tmp_path / "root")) == ["keep.txt", "sibling"]
+
+
+@pytest.mark.parametrize("image,label,match", [
+    ("RGBA", 0, r"t/val200: image 1: PIL image of mode 'RGBA'"),
+    ("I;16", 0, r"t/val200: image 1: PIL image of mode 'I;16'"),
+    ("RGB", None, r"t/val200: label None of image 1"),
+])
+def test_write_vtab_task_names_split_and_image(tmp_path, image, label, match):
+    from PIL import Image
+    from consolidator_hf.data import write_vtab_task
+
+    ok = Image.new("RGB", (4, 4))
+    with pytest.raises(ValueError, match=match):
+        write_vtab_task(str(tmp_path), "t", {"train800": ([ok], [0]),
+                                             "val200": ([ok, Image.new(image, (4, 4))], [0, label])})
+    assert os.listdir(tmp_path) == []

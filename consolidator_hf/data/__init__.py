@@ -1,7 +1,15 @@
 """VTAB-1k registry, ``datasets``-based loaders, lazy image transforms and a writer of the
 VTAB-1k on-disk format."""
 
-from .loaders import SPLITS, load_image_dataset, load_vtab1k, read_vtab_list, vtab_features
+from .loaders import (
+    DEFAULT_MAX_PIXELS,
+    SPLITS,
+    check_image,
+    load_image_dataset,
+    load_vtab1k,
+    read_vtab_list,
+    vtab_features,
+)
 from .registry import (
     BACKBONES,
     FOLDER_ALIASES,
@@ -14,16 +22,19 @@ from .registry import (
     task_names,
     tasks,
 )
-from .transforms import PREPROCESSING, make_transform, paper_pixel_values, to_rgb
+from .transforms import PREPROCESSING, decode_image, make_transform, paper_pixel_values, to_rgb
 from .writer import write_vtab_task
 
 __all__ = [
     "BACKBONES",
+    "DEFAULT_MAX_PIXELS",
     "FOLDER_ALIASES",
     "GROUPS",
     "PREPROCESSING",
     "SPLITS",
     "VtabTask",
+    "check_image",
+    "decode_image",
     "get_task",
     "load_image_dataset",
     "load_vtab1k",

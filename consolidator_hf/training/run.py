@@ -177,6 +177,7 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Optional[List[Any]] = None) -> 
     ``callbacks``: extra ``transformers.TrainerCallback`` objects for the Trainer.
     Returns the metrics dict (also written to ``metrics.json`` by the main process only).
     """
+    import datasets
     from transformers import AutoModelForImageClassification, set_seed
 
     from ..data import make_transform
@@ -198,6 +199,9 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Optional[List[Any]] = None) -> 
                                     else getattr(base.config, "image_size", 224))
     processor = _load_processor(cfg, image_size)
     transform = make_transform(cfg.preprocess, image_processor=processor, image_size=image_size)
+    # Decoded by the transform (decode_image), which shrinks large files while decoding them.
+    train_ds = train_ds.cast_column("image", datasets.Image(decode=False))
+    eval_ds = eval_ds.cast_column("image", datasets.Image(decode=False))
     train_ds.set_transform(transform)
     eval_ds.set_transform(transform)
     model = wrap_model(base, cfg)
