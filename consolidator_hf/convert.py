@@ -31,8 +31,6 @@ import contextlib
 import os
 import pickle
 import re
-import shutil
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -535,32 +533,12 @@ Preprocessing (`preprocessor_config.json`): the paper's, bicubic resize straight
 
 @contextlib.contextmanager
 def _atomic_dir(output: str, overwrite: bool):
-    """Yield a temp dir beside ``output``; on success it becomes ``output``."""
-    output = os.path.abspath(output)
-    if os.path.exists(output):
-        if not os.path.isdir(output):
-            raise FileExistsError(f"{output}: exists and is not a directory")
-        if os.listdir(output) and not overwrite:
-            raise FileExistsError(f"{output}: directory exists and is not empty (use overwrite)")
-    parent = os.path.dirname(output)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 is for the temp stage only
-        yield tmp
-        old = None
-        if os.path.exists(output):
-            old = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(output)}.", suffix=".old")
-            os.rmdir(old)
-            os.replace(output, old)
-        os.replace(tmp, output)
-        if old:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    """The one folder writer (:func:`_io.write_folder`): a staging folder that replaces
+    ``output`` whole on success; an existing non-empty ``output`` only with ``overwrite``."""
+    from ._io import write_folder
+
+    with write_folder(output, overwrite=overwrite) as stage:
+        yield stage
 
 
 def _check_finite(state: Dict[str, torch.Tensor], source: str) -> None:

@@ -23,11 +23,10 @@ import logging
 import math
 import os
 import re
-import shutil
 import tempfile
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
-from ._io import PathLike
+from ._io import PathLike, write_folder
 from .model import ConsolidatorModel
 
 logger = logging.getLogger(__name__)
@@ -399,39 +398,13 @@ merged = model.merge_and_unload()  # a plain {arch}
 
 
 # ---------------------------------------------------------------------- local folders
-def _default_permissions(folder: str) -> None:
-    """What mkdir/open would give under the umask: mkdtemp makes 0700 and safetensors writes
-    0600, which would leave a published folder unreadable to everyone else."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
-    for root, dirs, files in os.walk(folder):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o777 & ~umask)
-        for f in files:
-            os.chmod(os.path.join(root, f), 0o666 & ~umask)
-
-
 def _write_folder(save_directory: PathLike, fill: Callable[[str], None]) -> str:
-    """Run ``fill(tmp)`` on a temporary folder beside ``save_directory`` and move the result
-    into place; on any error nothing is left behind (an existing folder keeps its files)."""
-    target = os.path.abspath(os.fspath(save_directory))
-    if os.path.exists(target) and not os.path.isdir(target):
-        raise NotADirectoryError(f"{target}: exists and is not a folder")
-    parent = os.path.dirname(target)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(target)}.tmp-")
-    try:
-        fill(tmp)
-        _default_permissions(tmp)
-        if not os.path.exists(target):
-            os.replace(tmp, target)
-        else:
-            for name in sorted(os.listdir(tmp)):
-                os.replace(os.path.join(tmp, name), os.path.join(target, name))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    """Run ``fill(stage)`` on a staging folder that then replaces ``save_directory`` whole
+    (:func:`_io.write_folder`): on any error or kill the old folder stays as it was; files of
+    the old folder (e.g. a stale ``pytorch_model.bin``) do not survive beside the new ones."""
+    with write_folder(save_directory) as stage:
+        fill(stage)
+    return os.path.abspath(os.fspath(save_directory))
 
 
 def _merge_copy(work: ConsolidatorModel, safe_merge: bool,

@@ -15,7 +15,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from ._io import load_safetensors, resolve_file
+from ._io import load_safetensors, resolve_file, write_folder
 from .config import WEIGHTS_NAME, ConsolidatorConfig
 from .drop_path import BackboneDropPath, add_backbone_drop_path
 from .layer import ConsolidatorLinear, merge_is_finite
@@ -431,10 +431,23 @@ class ConsolidatorModel(nn.Module):
         one delta on the union of their supports, with branch biases folded into the
         layer bias; ``consolidate=False`` stores the raw branches (exact training state, for
         checkpoints). Frozen backbone tensors are never written.
+
+        Config and weights are written as one unit (:func:`_io.write_folder`): the folder is
+        staged beside its place and swapped in, so it always holds a matching pair, the old or
+        the new; other files already in the folder are kept (hard-linked into the stage).
         """
-        write_adapter_file(save_directory, self._adapter_tensors(consolidate), self._model_type(),
-                           consolidated=consolidate)
-        self.consolidator_config.save_pretrained(save_directory)
+        tensors = self._adapter_tensors(consolidate)  # errors (merged, disabled) before any write
+        with write_folder(save_directory, preserve_others=True) as stage:
+            self.write_adapter_files(stage, consolidate, tensors)
+
+    def write_adapter_files(self, directory: Union[str, os.PathLike], consolidate: bool = True,
+                            tensors: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """The two adapter files written straight into ``directory`` (each atomically, not as
+        a unit): for a folder the caller already stages, e.g. a Trainer checkpoint."""
+        if tensors is None:
+            tensors = self._adapter_tensors(consolidate)
+        write_adapter_file(directory, tensors, self._model_type(), consolidated=consolidate)
+        self.consolidator_config.save_pretrained(directory)
 
     @classmethod
     def from_pretrained(

@@ -16,7 +16,7 @@ import numbers
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .._io import atomic_dir
+from .._io import write_folder
 from .loaders import SPLITS
 
 JPEG_QUALITY = 95
@@ -71,8 +71,9 @@ def write_vtab_task(root: str, task: str,
     same pixels always give the same bytes. ``extra_files``: more text files for the task
     folder (name -> content), e.g. a description.
 
-    The folder is built beside its final place and renamed into it, so an interrupted write
-    leaves no half-written task; an existing folder of the same name is replaced.
+    The folder is built beside its final place and swapped in (:func:`_io.write_folder`): at
+    every instant ``<root>/<task>`` is the complete old task or the complete new one; an
+    existing folder of the same name is replaced whole. ``task`` must be one folder name.
     """
     check_task_name(task)
     unknown = sorted(set(splits) - set(_IMAGE_SPLITS))
@@ -92,7 +93,7 @@ def write_vtab_task(root: str, task: str,
             raise ValueError(f"{task}: extra file name {name!r} must be a plain file name other "
                              f"than {sorted(reserved)}")
     lines: Dict[str, List[str]] = {}
-    with atomic_dir(os.path.join(root, task)) as tmp:
+    with write_folder(os.path.join(root, task)) as tmp:
         for split in _IMAGE_SPLITS:
             if split not in splits:
                 continue

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from .._io import atomic_save_safetensors, atomic_write_text, load_safetensors
+from .._io import atomic_save_safetensors, atomic_write_text, load_safetensors, swap_in
 from ..config import WEIGHTS_NAME
 from ..model import ConsolidatorModel
 from ..storage import check_tensor
@@ -61,7 +61,9 @@ def save_trainable_state(model: nn.Module, directory: str) -> None:
     model = unwrap_model(model)
     os.makedirs(directory, exist_ok=True)
     if isinstance(model, ConsolidatorModel):
-        model.save_pretrained(directory, consolidate=False)
+        # Straight into the folder: a checkpoint is staged whole by AdapterTrainer, and other
+        # processes write their RNG state into the same folder meanwhile.
+        model.write_adapter_files(directory, consolidate=False)
         return
     tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     atomic_save_safetensors(tensors, os.path.join(directory, TRAINABLE_WEIGHTS_NAME),
@@ -148,17 +150,6 @@ def check_checkpoint(checkpoint: str, *, world_size: int = 1, allow_partial: boo
     return missing
 
 
-def _rename_in(stage: str, target: str) -> None:
-    """Move a complete staged folder to ``target`` (replacing one of the same name)."""
-    if not os.path.lexists(target):
-        os.rename(stage, target)
-        return
-    old = stage + ".old"
-    os.rename(target, old)
-    os.rename(stage, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or inf: the run stops at that step (before the optimizer
     applies it), and writes neither ``adapter/`` nor ``merged/``."""
@@ -225,7 +216,7 @@ class AdapterTrainer(Trainer):
             self._staging_run_dir = None
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            _rename_in(os.path.join(stage_root, name), os.path.join(run_dir, name))
+            swap_in(os.path.join(stage_root, name), os.path.join(run_dir, name))
             shutil.rmtree(stage_root, ignore_errors=True)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint,
