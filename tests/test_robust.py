@@ -360,3 +360,205 @@ def test_write_vtab_task_names_split_and_image(tmp_path, image, label, match):
         write_vtab_task(str(tmp_path), "t", {"train800": ([ok], [0]),
                                              "val200": ([ok, Image.new(image, (4, 4))], [0, label])})
     assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------- all-or-nothing writes
+import errno
+import random
+import signal
+import time
+
+
+def _kill_trials(target_loop, check, trials=10, seed=0, window=(0.0, 0.25)):
+    """Fork a child that runs ``target_loop()`` forever (it writes the target over and over);
+    SIGKILL it at random moments; after each kill ``check()`` must find the old or the new
+    content, complete. The children are forked from this (already-imported) process."""
+    rng = random.Random(seed)
+    for _ in range(trials):
+        pid = os.fork()
+        if pid == 0:  # the child: write until killed
+            try:
+                target_loop()
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(*window))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)  # reaped: its leftovers now belong to a dead pid
+        check()
+
+
+def _two_adapters():
+    a = _adapter(seed=0, groups=(4,))
+    b = _adapter(seed=3, groups=(2,))
+    return a, b
+
+
+def _files_of(folder):
+    return sorted(f for f in os.listdir(folder))
+
+
+def test_adapter_save_survives_sigkill(tmp_path):
+    a, b = _two_adapters()
+    target = tmp_path / "adapter"
+    a.save_pretrained(target)
+    (target / "notes.txt").write_text("mine")  # an unrelated file in the folder survives
+    want = {4: load_file(str(target / WEIGHTS_NAME))}
+    b.save_pretrained(tmp_path / "b")
+    want[2] = load_file(str(tmp_path / "b" / WEIGHTS_NAME))
+
+    def loop():
+        while True:
+            for m in (b, a):
+                m.save_pretrained(target)
+
+    def check():
+        cfg = ConsolidatorConfig.from_pretrained(target)
+        got = load_file(str(target / WEIGHTS_NAME))
+        expected = want[cfg.groups[0]]
+        assert set(got) == set(expected) and all(torch.equal(got[k], expected[k]) for k in got)
+        ConsolidatorModel.from_pretrained(tiny_vit(0), target)  # loads as a whole
+        assert (target / "notes.txt").read_text() == "mine"
+
+    _kill_trials(loop, check, trials=12, window=(0.0, 0.15))
+    a.save_pretrained(target)  # the next write removes what the killed writers left
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "b"]
+    assert _files_of(target) == ["consolidator_config.json", WEIGHTS_NAME, "notes.txt"]
+
+
+def test_merged_save_survives_sigkill(tmp_path):
+    a, b = _two_adapters()
+    target = tmp_path / "merged"
+    labels = {"a": ["cat", "dog", "eel"], "b": ["x", "y", "z"]}
+    heads = {"a": a.base_model.classifier.weight.detach().clone(),
+             "b": b.base_model.classifier.weight.detach().clone()}
+    save_merged(a, target, id2label=labels["a"])
+    (target / "pytorch_model.bin").write_bytes(b"stale")  # replaced whole: this goes
+
+    def loop():
+        while True:
+            for key, m in (("b", b), ("a", a)):
+                save_merged(m, target, id2label=labels[key])
+
+    def check():
+        config = json.loads((target / "config.json").read_text())
+        key = "a" if config["id2label"]["0"] == "cat" else "b"
+        weights = load_file(str(target / "model.safetensors"))
+        assert torch.equal(weights["classifier.weight"], heads[key])  # labels and weights agree
+        assert (target / "preprocessor_config.json").is_file() and (target / "README.md").is_file()
+        assert not (target / "pytorch_model.bin").exists()
+
+    _kill_trials(loop, check, trials=10, window=(0.0, 0.6))
+    save_merged(a, target, id2label=labels["a"])
+    assert os.listdir(tmp_path) == ["merged"]
+
+
+def test_vtab_task_write_survives_sigkill(tmp_path):
+    import numpy as np
+    from consolidator_hf.data import load_vtab1k, write_vtab_task
+
+    rng = np.random.default_rng(0)
+    versions = {n: [rng.integers(0, 255, (32, 32, 3), dtype=np.uint8) for _ in range(n)]
+                for n in (6, 20)}
+    root = tmp_path / "vtab"
+    (root / "other_task").mkdir(parents=True)
+
+    def write(n):
+        write_vtab_task(str(root), "t", {"train800": (versions[n], [n % 3] * n)})
+
+    write(6)
+
+    def loop():
+        while True:
+            write(20)
+            write(6)
+
+    def check():
+        ds = load_vtab1k(str(root), "t", "train800", num_classes=3)
+        n = len(ds)
+        assert n in (6, 20) and set(ds["label"]) == {n % 3}
+        assert len(os.listdir(root / "t" / "images" / "train800")) == n
+        assert (root / "other_task").is_dir()
+
+    _kill_trials(loop, check, trials=10, window=(0.0, 0.3))
+    write(6)
+    assert sorted(os.listdir(root)) == ["other_task", "t"]
+
+
+def test_killed_finetune_resumes_to_the_same_adapter(run_root, finished_run, tmp_path):
+    from consolidator_hf.training import run_finetune
+
+    whole = _adapter_tensors(finished_run.output_dir)
+    rng = random.Random(1)
+    trials = 10
+    for trial in range(trials):
+        cfg = _run_cfg(run_root, f"k{trial}", output_dir=str(tmp_path / f"k{trial}"))
+        pid = os.fork()
+        if pid == 0:
+            try:
+                run_finetune(cfg)
+            finally:
+                os._exit(0)
+        time.sleep(rng.uniform(0.8, 2.2))
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        ckpts = os.path.join(cfg.output_dir, "checkpoints")
+        have = os.path.isdir(ckpts) and any(n.startswith("checkpoint-") for n in os.listdir(ckpts))
+        resumed = _run_cfg(run_root, f"k{trial}", output_dir=cfg.output_dir,
+                           resume_from_checkpoint="last" if have else None)
+        run_finetune(resumed)
+        got = _adapter_tensors(cfg.output_dir)
+        assert set(got) == set(whole)
+        assert all(torch.equal(got[k], whole[k]) for k in got), f"trial {trial}"
+        assert not os.path.exists(os.path.join(ckpts, ".staging"))
+
+
+def test_failing_second_file_leaves_the_previous_folder(tmp_path, monkeypatch):
+    import numpy as np
+    from consolidator_hf.data import load_vtab1k, write_vtab_task
+    from consolidator_hf.data import writer as writer_module
+
+    a, b = _two_adapters()
+    a.save_pretrained(tmp_path / "adapter")
+    save_merged(a, tmp_path / "merged", id2label=["cat", "dog", "eel"])
+    write_vtab_task(str(tmp_path / "vtab"), "t", {"train800": ([np.zeros((4, 4, 3), np.uint8)], [0]),
+                                                  "val200": ([np.zeros((4, 4, 3), np.uint8)], [1])})
+    before = {p: {f: (tmp_path / p / f).read_bytes() for f in os.listdir(tmp_path / p)
+                  if (tmp_path / p / f).is_file()} for p in ("adapter", "merged")}
+
+    def enospc(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    # adapter: the config is the second file
+    monkeypatch.setattr(ConsolidatorConfig, "save_pretrained", enospc)
+    with pytest.raises(OSError, match="No space"):
+        b.save_pretrained(tmp_path / "adapter")
+    monkeypatch.undo()
+    # merged: the image processor is written after the weights
+    from transformers import ViTImageProcessor
+    monkeypatch.setattr(ViTImageProcessor, "save_pretrained", enospc)
+    with pytest.raises(OSError, match="No space"):
+        save_merged(b, tmp_path / "merged", id2label=["x", "y", "z"])
+    monkeypatch.undo()
+    # VTAB task: the second list file fails
+    calls = []
+    real = writer_module._write_text
+
+    def second_fails(path, text):
+        calls.append(path)
+        if len(calls) == 2:
+            enospc()
+        real(path, text)
+
+    monkeypatch.setattr(writer_module, "_write_text", second_fails)
+    with pytest.raises(OSError, match="No space"):
+        write_vtab_task(str(tmp_path / "vtab"), "t",
+                        {"train800": ([np.ones((4, 4, 3), np.uint8)] * 3, [2] * 3),
+                         "val200": ([np.ones((4, 4, 3), np.uint8)], [2])})
+    monkeypatch.undo()
+    for p in ("adapter", "merged"):
+        assert {f: (tmp_path / p / f).read_bytes() for f in os.listdir(tmp_path / p)
+                if (tmp_path / p / f).is_file()} == before[p]
+    ConsolidatorModel.from_pretrained(tiny_vit(0), tmp_path / "adapter")
+    assert load_vtab1k(str(tmp_path / "vtab"), "t", "train800", num_classes=3)["label"] == [0]
+    assert sorted(os.listdir(tmp_path)) == ["adapter", "merged", "vtab"]
+    assert os.listdir(tmp_path / "vtab") == ["t"]
