@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -84,15 +85,17 @@ class ConsolidatorConfig:
         for name in ("channel_shuffle", "branch_bias", "train_bias", "train_layernorm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
-        if not isinstance(self.drop_rate, (int, float)) or not 0.0 <= self.drop_rate < 1.0:
+        if isinstance(self.drop_rate, bool) or not isinstance(self.drop_rate, (int, float)) \
+                or not 0.0 <= self.drop_rate < 1.0:
             raise ValueError(f"drop_rate: must be in [0, 1), got {self.drop_rate!r}")
         if self.qkv_grouping not in QKV_GROUPINGS:
             raise ValueError(f"qkv_grouping: must be one of {QKV_GROUPINGS}, got {self.qkv_grouping!r}")
         if isinstance(self.backbone_drop_path, bool) or not isinstance(
                 self.backbone_drop_path, (int, float)) or not 0.0 <= self.backbone_drop_path < 1.0:
             raise ValueError(f"backbone_drop_path: must be in [0, 1), got {self.backbone_drop_path!r}")
-        if not isinstance(self.init_range, (int, float)) or not self.init_range >= 0.0:
-            raise ValueError(f"init_range: must be a number >= 0, got {self.init_range!r}")
+        if isinstance(self.init_range, bool) or not isinstance(self.init_range, (int, float)) \
+                or not math.isfinite(self.init_range) or not self.init_range > 0.0:
+            raise ValueError(f"init_range: must be a finite number > 0, got {self.init_range!r}")
         for name in ("target_modules", "exclude_modules"):
             self._check_module_spec(name, getattr(self, name))
         if self.modules_to_save is not None:
@@ -139,7 +142,9 @@ class ConsolidatorConfig:
         d = dict(d)
         version = d.pop("format_version", FORMAT_VERSION)
         d.pop("adapter_type", None)
-        if not isinstance(version, int) or version > FORMAT_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ValueError(f"format_version: expected an integer >= 1, got {version!r}")
+        if version > FORMAT_VERSION:
             raise ValueError(f"format_version: {version!r} is newer than this library "
                              f"understands ({FORMAT_VERSION}); upgrade consolidator_hf")
         known = {f.name for f in dataclasses.fields(cls)}

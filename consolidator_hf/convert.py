@@ -514,6 +514,16 @@ def _check_output_outside_input(checkpoint: str, output: str) -> None:
                               "choose an output folder outside it")
 
 
+def _check_finite(state: Dict[str, torch.Tensor], source: str) -> None:
+    """A NaN/inf anywhere (a diverged branch, a corrupt head) would convert into a model that
+    gives NaN logits: refuse it, naming the tensors."""
+    bad = [k for k, v in state.items()
+           if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ConversionError(f"{source}: {len(bad)} tensor(s) hold NaN or inf values: "
+                              f"{bad[:10]}{' ...' if len(bad) > 10 else ''}")
+
+
 def convert_checkpoint(
     checkpoint: PathLike, output: PathLike, *, num_heads: Optional[int] = None,
     channel_shuffle: bool = False, adapter: bool = False, overwrite: bool = False,
@@ -533,6 +543,7 @@ def convert_checkpoint(
     checkpoint = os.fspath(checkpoint)
     _check_output_outside_input(checkpoint, os.fspath(output))
     state, dropped = load_checkpoint(checkpoint)
+    _check_finite(state, checkpoint)
     vit = parse_timm_vit(state, source=checkpoint, dropped_keys=dropped)
     heads = num_heads if num_heads is not None else max(vit.hidden_size // 64, 1)
     if dropped:

@@ -1,11 +1,11 @@
-"""File plumbing shared by every writer and reader: atomic file writes, the one all-or-nothing
-folder writer, safetensors reads with errors that name the file, local-folder-or-Hub lookup,
-and the project's cache folder.
+"""File plumbing shared by every writer and reader: atomic file writes, the one
+all-or-nothing folder writer (:func:`write_folder`), Hub-or-folder lookup, safetensors reads
+with errors that name the file, the Hub-id test and the project's cache folder.
 
 Why one module: every artifact this library writes (adapters, merged models, converted
-checkpoints, VTAB task folders, backbones) must appear complete or not at all, and must get
-the permissions ``open``/``mkdir`` would give. Writing that once keeps the semantics equal.
-"""
+checkpoints, VTAB task folders, backbones, training checkpoints) must appear complete or not at
+all, and must get the permissions ``open``/``mkdir`` would give. Writing that once keeps the
+semantics equal."""
 
 from __future__ import annotations
 
@@ -15,7 +15,6 @@ import errno
 import os
 import re
 import shutil
-import tempfile
 import uuid
 from typing import Any, Callable, Dict, Iterator, Optional, Tuple, Union
 
@@ -25,102 +24,83 @@ from safetensors.torch import load_file, save_file
 
 PathLike = Union[str, os.PathLike]
 
-__all__ = [
-    "PathLike",
-    "atomic_path",
-    "atomic_write_text",
-    "atomic_save_safetensors",
-    "write_folder",
-    "recover_folder",
-    "load_safetensors",
-    "resolve_file",
-    "is_hub_id",
-    "cache_dir",
-]
+__all__ = ["PathLike", "atomic_path", "atomic_write_text", "atomic_save_safetensors",
+           "write_folder", "swap_in", "recover_folder", "load_safetensors", "resolve_file",
+           "is_hub_id", "cache_dir"]
 
 
-# ---------------------------------------------------------------------- permissions
-_UMASK: Optional[int] = None
+# Sibling names of a target being written: ".<name>.<pid>-<hex>.tmp" (a file being written),
+# ".<name>.<pid>-<hex>.stage" (a folder being filled), ".<name>.<pid>-<hex>.old" (the previous
+# folder, moved aside during a two-rename swap). The pid lets the next writer of the same target
+# tell a killed writer's leftovers from a live one's, and remove them.
+_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{12}\.(?P<kind>tmp|stage|old)$")
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
 
 
-def umask() -> int:
-    """The process umask, read once (``os.umask`` can only be read by setting it, which races
-    with other threads; ``/proc/self/status`` is read instead where it exists)."""
-    global _UMASK
-    if _UMASK is None:
-        value = None
-        with contextlib.suppress(OSError, ValueError):
-            with open("/proc/self/status", encoding="ascii") as f:
-                for line in f:
-                    if line.startswith("Umask:"):
-                        value = int(line.split()[1], 8)
-                        break
-        if value is None:
-            value = os.umask(0)
-            os.umask(value)
-        _UMASK = value
-    return _UMASK
+def _sibling(target: str, kind: str) -> str:
+    parent, base = os.path.split(target)
+    return os.path.join(parent, f".{base}.{os.getpid()}-{uuid.uuid4().hex[:12]}.{kind}")
 
 
-def _default_permissions(path: str) -> None:
-    """What mkdir/open would give under the umask: mkdtemp/mkstemp make 0700/0600 and
-    safetensors writes 0600, which would leave a published folder unreadable to others."""
-    mask = umask()
-    if os.path.isfile(path):
-        os.chmod(path, 0o666 & ~mask)
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def recover_folder(path: PathLike) -> None:
+    """Clean what killed writers of ``path`` left beside it: temp files and stage folders are
+    removed; a moved-aside old folder is put back when ``path`` itself is missing (the writer
+    died between its two renames), else removed. Leftovers of live writers are not touched.
+    :func:`write_folder` and :func:`atomic_path` call this first."""
+    target = os.path.abspath(os.fspath(path))
+    parent, base = os.path.split(target)
+    try:
+        names = os.listdir(parent)
+    except (FileNotFoundError, NotADirectoryError):
         return
-    os.chmod(path, 0o777 & ~mask)
-    for root, dirs, files in os.walk(path):
-        for d in dirs:
-            os.chmod(os.path.join(root, d), 0o777 & ~mask)
-        for f in files:
-            if not os.path.islink(os.path.join(root, f)):
-                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+    for name in sorted(names):
+        m = _SIBLING.match(name)
+        if not m or m.group("name") != base or _pid_alive(int(m.group("pid"))):
+            continue
+        leftover = os.path.join(parent, name)
+        if m.group("kind") == "old" and not os.path.lexists(target):
+            with contextlib.suppress(OSError):
+                os.rename(leftover, target)  # the complete old folder, back in its place
+                continue
+        if os.path.isdir(leftover) and not os.path.islink(leftover):
+            shutil.rmtree(leftover, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
 
 
-# ---------------------------------------------------------------------- files
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[str]:
     """Yield a temporary path beside ``path``; on success rename it over ``path``.
 
-    A crash or an exception leaves the old file (or nothing), never a half-written one.
+    A crash or an exception leaves the old file (or nothing), never a half-written one; a
+    killed writer's temp file is removed by the next write of the same ``path``.
     """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    os.close(fd)
+    path = os.path.abspath(os.fspath(path))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    recover_folder(path)
+    tmp = _sibling(path, "tmp")
     try:
         yield tmp
-        _default_permissions(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # some writers create 0600; give what open() would
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def atomic_write_text(path: PathLike, text: str) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-
-
-def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: PathLike,
-                            metadata: Optional[Dict[str, str]] = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
-
-
-# ---------------------------------------------------------------------- folders
-# Sibling names of a folder being written: ".<name>.<pid>-<hex>.stage" (being filled) and
-# ".<name>.<pid>-<hex>.old" (the previous folder, moved aside during a two-rename swap).
-# The pid lets the next writer tell a killed writer's leftovers from a live one's.
-_SIBLING = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{12}\.(?P<kind>stage|old)$")
-_RENAME_EXCHANGE = 2
-_AT_FDCWD = -100
 
 
 def _exchange(a: str, b: str) -> bool:
@@ -141,87 +121,28 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(err, f"could not swap {b} into place: {os.strerror(err)}", a)
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _link_tree(src: str, dst: str) -> None:
+    """``dst`` holding ``src``'s entries as hard links (a copy where linking fails)."""
+    def link(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if os.path.isdir(src) and not os.path.islink(src):
+        shutil.copytree(src, dst, symlinks=True, copy_function=link)
+    elif os.path.islink(src):
+        os.symlink(os.readlink(src), dst)
+    else:
+        link(src, dst)
 
 
-def recover_folder(path: PathLike) -> None:
-    """Clean what killed writers of ``path`` left beside it: stage folders are removed; a
-    moved-aside old folder is put back when ``path`` itself is missing (the writer died
-    between its two renames), else removed. Leftovers of live writers are not touched.
-    :func:`write_folder` calls this first; call it before reading if you want the same."""
-    target = os.path.abspath(os.fspath(path))
-    parent, base = os.path.split(target)
-    try:
-        names = os.listdir(parent)
-    except FileNotFoundError:
-        return
-    for name in sorted(names):
-        m = _SIBLING.match(name)
-        if not m or m.group("name") != base or _pid_alive(int(m.group("pid"))):
-            continue
-        leftover = os.path.join(parent, name)
-        if m.group("kind") == "old" and not os.path.lexists(target):
-            with contextlib.suppress(OSError):
-                os.rename(leftover, target)  # the complete old folder, back in its place
-                continue
-        shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _sibling(target: str, kind: str) -> str:
-    parent, base = os.path.split(target)
-    return os.path.join(parent, f".{base}.{os.getpid()}-{uuid.uuid4().hex[:12]}.{kind}")
-
-
-@contextlib.contextmanager
-def write_folder(path: PathLike, *, overwrite: bool = True,
-                 check: Optional[Callable[[str], None]] = None) -> Iterator[str]:
-    """Yield an empty staging folder beside ``path``; when the block ends without an error,
-    the staged folder *replaces* ``path`` whole. All-or-nothing for the whole folder.
-
-    - At every instant ``path`` is the complete old folder or the complete new one: the swap
-      is one ``renameat2(RENAME_EXCHANGE)`` where Linux offers it, else two renames (old ->
-      sibling backup, new -> ``path``; rolled back on failure, and :func:`recover_folder`
-      puts the backup back if the writer is killed between them). The old folder is removed
-      only after the swap, so none of its files survive beside the new ones (replace, not
-      merge).
-    - An error (or a kill) while filling leaves ``path`` untouched and the stage is removed
-      (a killed writer's stage is removed by the next write of the same ``path``).
-    - ``overwrite=False`` refuses an existing non-empty folder (``FileExistsError``) before
-      anything is staged; a non-folder at ``path`` is always refused.
-    - ``check(stage)`` (optional) runs after filling, before the swap: raise to abort.
-    - The staged files get the permissions ``open``/``mkdir`` give under the umask.
-    """
-    target = os.path.abspath(os.fspath(path))
-    if os.path.lexists(target) and not os.path.isdir(target):
-        raise NotADirectoryError(f"{target}: exists and is not a folder")
-    recover_folder(target)
-    if not overwrite and os.path.isdir(target) and os.listdir(target):
-        raise FileExistsError(f"{target}: folder exists and is not empty (pass overwrite=True "
-                              "to replace it)")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    stage = _sibling(target, "stage")
-    os.mkdir(stage)
-    try:
-        yield stage
-        if check is not None:
-            check(stage)
-        _default_permissions(stage)
-        _swap_in(stage, target)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-
-
-def _swap_in(stage: str, target: str) -> None:
+def swap_in(stage: str, target: str) -> None:
+    """Put the complete folder ``stage`` at ``target`` (a sibling), replacing what is there, so
+    that ``target`` is at every instant the complete old or the complete new folder: one
+    ``renameat2(RENAME_EXCHANGE)`` where Linux offers it, else two renames (old -> backup, new
+    -> target; rolled back on failure, and :func:`recover_folder` puts a backup back if the
+    writer is killed between them). The old folder is removed after the swap."""
     if not os.path.lexists(target):
         try:
             os.rename(stage, target)  # nothing to replace (an empty folder made meanwhile is fine)
@@ -242,7 +163,92 @@ def _swap_in(stage: str, target: str) -> None:
     shutil.rmtree(backup, ignore_errors=True)
 
 
-# ---------------------------------------------------------------------- reading
+@contextlib.contextmanager
+def write_folder(path: PathLike, *, overwrite: bool = True, preserve_others: bool = False,
+                 check: Optional[Callable[[str], None]] = None) -> Iterator[str]:
+    """Yield an empty staging folder beside ``path``; when the block ends without an error,
+    the staged folder replaces ``path`` whole (:func:`swap_in`). All-or-nothing for the whole
+    folder: at every instant ``path`` is the complete old folder or the complete new one.
+
+    - An error (or a kill) while filling leaves ``path`` untouched; the stage is removed (a
+      killed writer's by the next write of the same ``path``).
+    - ``overwrite=False`` refuses an existing non-empty folder (``FileExistsError``) before
+      anything is staged; a non-folder at ``path``, the working directory or a folder holding
+      it are always refused.
+    - ``preserve_others``: entries of the old folder the stage does not write are hard-linked
+      into the stage before the swap, so they survive (an adapter saved into a folder that also
+      holds other files). Otherwise the new folder replaces the old one (no stale files).
+    - ``check(stage)`` (optional) runs after filling, before the swap: raise to abort.
+    - The staged files get the permissions ``open``/``mkdir`` give under the umask.
+    """
+    target = os.path.abspath(os.fspath(path))
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"{target}: exists and is not a folder")
+    cwd = os.path.abspath(os.getcwd())
+    if os.path.isdir(target) and (cwd == target or cwd.startswith(target.rstrip(os.sep) + os.sep)):
+        raise ValueError(f"{target}: is (or holds) the working directory; write the artifact "
+                         "into a folder of its own")
+    recover_folder(target)
+    if not overwrite and os.path.isdir(target) and os.listdir(target):
+        raise FileExistsError(f"{target}: folder exists and is not empty (pass overwrite=True "
+                              "to replace it)")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    stage = _sibling(target, "stage")
+    os.mkdir(stage)
+    try:
+        yield stage
+        if check is not None:
+            check(stage)
+        _default_permissions(stage)
+        if preserve_others and os.path.isdir(target):
+            for name in os.listdir(target):
+                if not os.path.lexists(os.path.join(stage, name)):
+                    _link_tree(os.path.join(target, name), os.path.join(stage, name))
+        swap_in(stage, target)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _default_permissions(path: str) -> None:
+    """What mkdir/open would give under the umask: mkdtemp/mkstemp make 0700/0600 and
+    safetensors writes 0600, which would leave a published folder unreadable to others."""
+    mask = _umask()
+    os.chmod(path, 0o777 & ~mask)
+    for root, dirs, files in os.walk(path):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), 0o777 & ~mask)
+        for f in files:
+            if not os.path.islink(os.path.join(root, f)):
+                os.chmod(os.path.join(root, f), 0o666 & ~mask)
+
+
+_UMASK: Optional[int] = None
+
+
+def _umask() -> int:
+    """The process umask, read once (reading it means setting it, which races with threads)."""
+    global _UMASK
+    if _UMASK is None:
+        umask = os.umask(0)
+        os.umask(umask)
+        _UMASK = umask
+    return _UMASK
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+
+
+def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: PathLike,
+                            metadata: Optional[Dict[str, str]] = None) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
 def load_safetensors(path: PathLike) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """Tensors and metadata of a safetensors file; ``ValueError`` naming the file if corrupt."""
     from safetensors import safe_open

@@ -121,6 +121,8 @@ class ConsolidatorLinear(nn.Module):
         self.merged = False
         self.disabled = False  # ConsolidatorModel.disable_adapter: forward through the base alone
         self._merged_bias_added = False
+        # (union support, W0 on it, b0) saved by merge() for an exact unmerge()
+        self._unmerge_state: Optional[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None
         w = base_layer.weight
         self.geometries: Tuple[Geometry, ...] = tuple(
             Geometry(g, channel_shuffle, row_offset, vout) for g in self.groups)
@@ -224,6 +226,13 @@ class ConsolidatorLinear(nn.Module):
             raise ValueError(f"{self.name}: merge would produce NaN or inf weights; "
                              "the layer was left unmerged")
         w = self.base_layer.weight
+        # What unmerge() writes back, bit for bit: W0 on the union of the supports (the only
+        # entries the merge changes; small: out * in / g per branch) and b0. Subtracting the
+        # deltas again would not give W0 back after a bf16/fp16 cast, nor next to huge deltas.
+        union = grouped.union_support(self.support_indices())
+        self._unmerge_state = (union, w.detach().reshape(-1)[union].clone(),
+                               None if self.base_layer.bias is None
+                               else self.base_layer.bias.detach().clone())
         w.copy_(new_w)
         if new_b is not None:
             if self.base_layer.bias is None:
@@ -236,12 +245,28 @@ class ConsolidatorLinear(nn.Module):
 
     @torch.no_grad()
     def unmerge(self) -> None:
-        """Subtract the branches again (the merge formula with scale -1): the base layer is
-        restored (up to fp rounding)."""
+        """Restore the base layer exactly: the ``W0`` entries and ``b0`` saved by :meth:`merge`
+        are written back (bit-identical in every dtype). A layer merged without that record
+        (its merged state set by hand) subtracts the branches again (the merge formula with
+        scale -1), exact up to fp rounding."""
         if not self.merged:
             return
         base = self.base_layer
         removes_bias = self._merged_bias_added
+        saved = self._unmerge_state
+        if saved is not None:
+            union, w0, b0 = saved
+            flat = base.weight.view(-1) if base.weight.is_contiguous() else None
+            if flat is not None:
+                flat[union] = w0
+                if removes_bias:
+                    base.bias = None
+                    self._merged_bias_added = False
+                elif b0 is not None:
+                    base.bias.copy_(b0)
+                self._unmerge_state = None
+                self.merged = False
+                return
         w, b = grouped.merged_linear(base.weight, None if removes_bias else base.bias,
                                      [br.dense() for br in self.branches],
                                      [br.bias for br in self.branches], scale=-1.0)
@@ -252,6 +277,7 @@ class ConsolidatorLinear(nn.Module):
                 self._merged_bias_added = False
             else:
                 base.bias.copy_(b.to(base.bias.dtype))
+        self._unmerge_state = None
         self.merged = False
 
     # ------------------------------------------------------------------ storage

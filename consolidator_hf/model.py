@@ -10,12 +10,12 @@ import os
 import re
 import warnings
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
 
-from .io import load_safetensors, resolve_file
+from .io import load_safetensors, resolve_file, write_folder
 from .config import WEIGHTS_NAME, ConsolidatorConfig
 from .drop_path import BackboneDropPath, add_backbone_drop_path
 from .layer import ConsolidatorLinear, merge_is_finite
@@ -264,9 +264,13 @@ class ConsolidatorModel(nn.Module):
 
     # ------------------------------------------------------------------ merge
     def merge_adapter(self, safe_merge: bool = False) -> None:
-        """Merge every layer in place (forward then uses plain linear weights)."""
-        for _, layer in self.consolidator_layers():
-            layer.merge(safe_merge=safe_merge)
+        """Merge every layer in place (forward then uses plain linear weights).
+
+        ``safe_merge``: check every merged weight and every other tensor of the model for
+        NaN/inf first; on a bad one raise ``ValueError`` naming it, with nothing merged."""
+        checked = self._checked_merge(safe_merge)
+        for name, layer in self.consolidator_layers():
+            layer.merge(safe_merge=safe_merge, merged_values=checked.pop(name, None))
 
     def unmerge_adapter(self) -> None:
         for _, layer in self.consolidator_layers():
@@ -317,18 +321,33 @@ class ConsolidatorModel(nn.Module):
                 self.backbone_drop_path = add_backbone_drop_path(
                     self.base_model, self.consolidator_config.backbone_drop_path)
 
-    def _replace_layers(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+    def _checked_merge(self, safe_merge: bool) -> Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+        """With ``safe_merge``: the merged values of every unmerged layer, after checking them
+        and every other tensor of the model for NaN/inf (``ValueError`` naming the first bad
+        tensor; nothing is touched). Without: ``{}`` (each layer merges on its own)."""
         checked: Dict[str, Tuple[torch.Tensor, Optional[torch.Tensor]]] = {}
-        if merge and safe_merge:
-            # Check every layer before touching any, so a bad merge leaves the model intact;
-            # the checked values are the ones written (each merged weight is formed once).
-            for name, layer in self.consolidator_layers():
-                if layer.merged:
-                    continue
-                checked[name] = layer.merged_values()
-                if not merge_is_finite(*checked[name]):
-                    raise ValueError(f"{name}: merge would produce NaN or inf weights; "
-                                     "nothing was merged")
+        if not safe_merge:
+            return checked
+        # Check every layer before touching any, so a bad merge leaves the model intact;
+        # the checked values are the ones written (each merged weight is formed once).
+        for name, layer in self.consolidator_layers():
+            if layer.merged:
+                continue
+            checked[name] = layer.merged_values()
+            if not merge_is_finite(*checked[name]):
+                raise ValueError(f"{name}: merge would produce NaN or inf weights; "
+                                 "nothing was merged")
+        # ... and everything else that goes into the merged model as it is (the head,
+        # LayerNorms, embeddings): a NaN there gives NaN logits just the same.
+        bad = self.non_finite_tensors(skip=list(checked))
+        if bad:
+            raise ValueError(f"{bad[0]} holds NaN or inf values"
+                             f"{f' (and {len(bad) - 1} more tensors)' if len(bad) > 1 else ''}"
+                             "; nothing was merged")
+        return checked
+
+    def _replace_layers(self, merge: bool, safe_merge: bool = False) -> nn.Module:
+        checked = self._checked_merge(safe_merge) if merge else {}
         if self.backbone_drop_path is not None:  # hand back a plain model, without our hooks
             self.backbone_drop_path.remove()
             self.backbone_drop_path = None
@@ -340,6 +359,19 @@ class ConsolidatorModel(nn.Module):
         for name, layer in list(self.consolidator_layers()):
             _set_submodule(self.base_model, name, layer.base_layer)
         return self.base_model
+
+    @torch.no_grad()
+    def non_finite_tensors(self, skip: Sequence[str] = ()) -> List[str]:
+        """Names (``.base_layer`` dropped) of the floating parameters and buffers holding NaN or
+        inf: branches, adapted layers' weights and biases, the head, the norms, the embeddings.
+        ``skip``: module names left out (the merge checks their merged values instead)."""
+        bad: List[str] = []
+        for name, t in list(self.base_model.named_parameters()) + list(self.base_model.named_buffers()):
+            if any(name.startswith(a + ".") for a in skip):
+                continue
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad.append(name.replace(".base_layer.", "."))
+        return bad
 
     def merge_and_unload(self, safe_merge: bool = False) -> nn.Module:
         """The plain base model (e.g. ``ViTForImageClassification``) with merged weights.
@@ -399,10 +431,23 @@ class ConsolidatorModel(nn.Module):
         one delta on the union of their supports, with branch biases folded into the
         layer bias; ``consolidate=False`` stores the raw branches (exact training state, for
         checkpoints). Frozen backbone tensors are never written.
+
+        Config and weights are written as one unit (:func:`io.write_folder`): the folder is
+        staged beside its place and swapped in, so it always holds a matching pair, the old or
+        the new; other files already in the folder are kept (hard-linked into the stage).
         """
-        write_adapter_file(save_directory, self._adapter_tensors(consolidate), self._model_type(),
-                           consolidated=consolidate)
-        self.consolidator_config.save_pretrained(save_directory)
+        tensors = self._adapter_tensors(consolidate)  # errors (merged, disabled) before any write
+        with write_folder(save_directory, preserve_others=True) as stage:
+            self.write_adapter_files(stage, consolidate, tensors)
+
+    def write_adapter_files(self, directory: Union[str, os.PathLike], consolidate: bool = True,
+                            tensors: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """The two adapter files written straight into ``directory`` (each atomically, not as
+        a unit): for a folder the caller already stages, e.g. a Trainer checkpoint."""
+        if tensors is None:
+            tensors = self._adapter_tensors(consolidate)
+        write_adapter_file(directory, tensors, self._model_type(), consolidated=consolidate)
+        self.consolidator_config.save_pretrained(directory)
 
     @classmethod
     def from_pretrained(

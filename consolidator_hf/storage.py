@@ -19,8 +19,8 @@ from .targets import rename_4_to_5
 
 ADAPTER_FORMAT = "consolidator_hf"
 
-__all__ = ["ADAPTER_FORMAT", "adapter_metadata", "check_metadata", "write_adapter_file",
-           "match_adapter_keys"]
+__all__ = ["ADAPTER_FORMAT", "adapter_metadata", "check_metadata", "check_tensor",
+           "write_adapter_file", "match_adapter_keys"]
 
 
 def adapter_metadata(model_type: str, consolidated: bool) -> Dict[str, str]:
@@ -48,6 +48,13 @@ def check_metadata(metadata: Mapping[str, str], model_type: str, source: str) ->
     if metadata.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{source}: not a consolidator_hf adapter file (metadata "
                          f"format={metadata.get('format')!r})")
+    version = metadata.get("format_version", str(FORMAT_VERSION))
+    if not (isinstance(version, str) and version.isdigit() and int(version) >= 1):
+        raise ValueError(f"{source}: metadata format_version={version!r} is not a positive "
+                         "integer")
+    if int(version) > FORMAT_VERSION:
+        raise ValueError(f"{source}: metadata format_version={version} is newer than this library "
+                         f"understands ({FORMAT_VERSION}); upgrade consolidator_hf")
     saved_type = metadata.get("model_type", "")
     if saved_type and model_type and saved_type != model_type:
         raise ValueError(f"{source}: adapter was saved for model_type={saved_type!r}, the base "
@@ -80,4 +87,18 @@ def match_adapter_keys(tensors: Mapping[str, torch.Tensor], expected: Mapping[st
         if not key.endswith(".delta") and value.shape != expected[key].shape:
             raise ValueError(f"{source}: {key} has shape {tuple(value.shape)}, the base model "
                              f"expects {tuple(expected[key].shape)}")
+        check_tensor(value, key, source)
     return remapped
+
+
+def check_tensor(value: torch.Tensor, key: str, source: str) -> None:
+    """``ValueError`` naming ``source`` and ``key`` for a tensor an adapter cannot hold: not a
+    floating dtype (an int64 or bool tensor would be cast silently and shift the logits), or
+    NaN/inf values. Floating dtypes load into a model of another floating dtype (cast)."""
+    if not value.is_floating_point():
+        raise ValueError(f"{source}: {key} has dtype {value.dtype}; adapter tensors are floating "
+                         "point (float32, bfloat16, float16...): the file is not an adapter of "
+                         "this library or was altered")
+    if not bool(torch.isfinite(value).all()):
+        n = int((~torch.isfinite(value)).sum())
+        raise ValueError(f"{source}: {key} holds {n} NaN or inf value(s); refusing to load it")

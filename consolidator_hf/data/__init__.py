@@ -1,7 +1,16 @@
 """VTAB-1k registry, ``datasets``-based loaders, lazy image transforms and a writer of the
 VTAB-1k on-disk format."""
 
-from .loaders import SPLITS, check_vtab_task, load_image_dataset, load_vtab1k, read_vtab_list, vtab_features
+from .loaders import (
+    DEFAULT_MAX_PIXELS,
+    SPLITS,
+    check_image,
+    check_vtab_task,
+    load_image_dataset,
+    load_vtab1k,
+    read_vtab_list,
+    vtab_features,
+)
 from .registry import (
     BACKBONES,
     FOLDER_ALIASES,
@@ -15,18 +24,21 @@ from .registry import (
     task_names,
     tasks,
 )
-from .transforms import PREPROCESSING, make_transform, paper_pixel_values, to_rgb
+from .transforms import PREPROCESSING, decode_image, make_transform, paper_pixel_values, to_rgb
 from .writer import write_vtab_task
 
 __all__ = [
     "check_vtab_task",
     "closest_task",
     "BACKBONES",
+    "DEFAULT_MAX_PIXELS",
     "FOLDER_ALIASES",
     "GROUPS",
     "PREPROCESSING",
     "SPLITS",
     "VtabTask",
+    "check_image",
+    "decode_image",
     "get_task",
     "load_image_dataset",
     "load_vtab1k",

@@ -14,6 +14,7 @@ so a broken download fails at load time with the file and line, not hours into t
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, List, Optional, Tuple
 
 import datasets
@@ -21,6 +22,8 @@ import datasets
 from .registry import closest_task, get_task
 
 SPLITS: Tuple[str, ...] = ("train800", "val200", "train800val200", "test")
+#: Images with more pixels are refused at load (a 10000 x 10000 image decodes to 300 MB).
+DEFAULT_MAX_PIXELS = 50_000_000
 
 
 def vtab_features(num_classes: int) -> datasets.Features:
@@ -65,39 +68,99 @@ def _find_folder(data_dir: str, task: str, folders: Tuple[str, ...]) -> str:
         + " or ".join(repr(os.path.join(data_dir, n)) for n in folders))
 
 
-def read_vtab_list(list_file: str, num_classes: int) -> Tuple[List[str], List[int]]:
+def _complete(path: str, fmt: Optional[str]) -> bool:
+    """Whether a JPEG / PNG file ends with its end marker (a truncated download does not);
+    other formats are not checked. Reads the last KiB only."""
+    if fmt not in ("JPEG", "PNG"):
+        return True
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 1024))
+        tail = f.read()
+    if fmt == "PNG":
+        return tail[-8:-4] == b"IEND"
+    return tail.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
+
+
+def check_image(path: str, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+                where: str = "") -> Tuple[int, int]:
+    """``(width, height)`` of an image file, read from its header only (cheap, no decode).
+
+    ``ValueError`` naming ``where`` and the file for a file PIL cannot identify, a JPEG/PNG
+    without its end marker (truncated), or more than ``max_pixels`` pixels (``None``: no limit;
+    PIL's own decompression-bomb limit still applies).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    where = f"{where}: " if where else ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                (w, h), fmt = im.size, im.format
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        raise ValueError(f"{where}{path} is not a readable image ({e})") from None
+    if max_pixels is not None and w * h > max_pixels:
+        raise ValueError(f"{where}{path} is {w}x{h} = {w * h:,} pixels, over the limit of "
+                         f"{max_pixels:,} (pass max_pixels= a larger value, or None, to allow it)")
+    if not _complete(path, fmt):
+        raise ValueError(f"{where}{path} is truncated (the {fmt} end marker is missing)")
+    return w, h
+
+
+def _read_text(list_file: str) -> str:
+    with open(list_file, "rb") as f:
+        data = f.read()
+    try:
+        return data.decode("utf-8-sig")  # a UTF-8 byte-order mark is accepted
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{list_file}:{line}: not UTF-8 text (byte {data[e.start]:#04x} at "
+                         f"offset {e.start}); save the list file as UTF-8") from None
+
+
+def read_vtab_list(list_file: str, num_classes: int, *, verify_images: bool = True,
+                   max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> Tuple[List[str], List[int]]:
     """Parse one VTAB-1k list file into absolute image paths and integer labels.
 
-    Every line must be ``<relative image path> <integer label>``; blank lines are ignored.
-    Raises ``ValueError`` naming the file and line number for a malformed line or a label outside
-    ``[0, num_classes)``, and ``FileNotFoundError`` naming the image for a missing image.
+    Every line must be ``<relative image path> <integer label>``; blank lines are ignored; the
+    file is UTF-8 (a byte-order mark is accepted). Raises ``ValueError`` naming the file and
+    line number for a malformed line, a label outside ``[0, num_classes)``, a path that is
+    absolute or leaves the task folder, or (``verify_images``) an image that is not readable,
+    is truncated or has more than ``max_pixels`` pixels (:func:`check_image`: header and end
+    marker only); ``FileNotFoundError`` naming the image for a missing image.
     """
     root = os.path.dirname(os.path.abspath(list_file))
     paths: List[str] = []
     labels: List[int] = []
-    with open(list_file, "r", encoding="utf-8") as f:
-        for lineno, raw in enumerate(f, start=1):
-            line = raw.strip()
-            if not line:
-                continue
-            # rsplit: the label is the last field, so a path containing spaces still parses
-            fields = line.rsplit(None, 1)
-            if len(fields) != 2:
-                raise ValueError(f"{list_file}:{lineno}: malformed line {line!r}: "
-                                 "expected '<image path> <integer label>'")
-            rel, label_text = fields
-            try:
-                label = int(label_text)
-            except ValueError:
-                raise ValueError(f"{list_file}:{lineno}: malformed line {line!r}: "
-                                 f"label {label_text!r} is not an integer") from None
-            if not 0 <= label < num_classes:
-                raise ValueError(f"{list_file}:{lineno}: label {label} outside [0, {num_classes})")
-            path = os.path.normpath(os.path.join(root, rel))
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"{list_file}:{lineno}: image {path!r} does not exist")
-            paths.append(path)
-            labels.append(label)
+    for lineno, raw in enumerate(_read_text(list_file).splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        # rsplit: the label is the last field, so a path containing spaces still parses
+        fields = line.rsplit(None, 1)
+        if len(fields) != 2:
+            raise ValueError(f"{list_file}:{lineno}: malformed line {line!r}: "
+                             "expected '<image path> <integer label>'")
+        rel, label_text = fields
+        try:
+            label = int(label_text)
+        except ValueError:
+            raise ValueError(f"{list_file}:{lineno}: malformed line {line!r}: "
+                             f"label {label_text!r} is not an integer") from None
+        if not 0 <= label < num_classes:
+            raise ValueError(f"{list_file}:{lineno}: label {label} outside [0, {num_classes})")
+        path = os.path.normpath(os.path.join(root, rel))
+        if os.path.isabs(rel) or os.path.commonpath([root, path]) != root:
+            raise ValueError(f"{list_file}:{lineno}: image path {rel!r} must be relative "
+                             "and stay inside the task folder")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{list_file}:{lineno}: image {path!r} does not exist")
+        if verify_images:
+            check_image(path, max_pixels=max_pixels, where=f"{list_file}:{lineno}")
+        paths.append(path)
+        labels.append(label)
     if not paths:
         raise ValueError(f"{list_file}: the list file has no entries")
     return paths, labels
@@ -126,12 +189,15 @@ def check_vtab_task(data_dir: str, task: str, splits: Tuple[str, ...] = ("train8
 
 
 def load_vtab1k(data_dir: str, task: str, split: str, *, num_classes: Optional[int] = None,
-                validate_all_splits: bool = True) -> datasets.Dataset:
+                validate_all_splits: bool = True, verify_images: bool = True,
+                max_pixels: Optional[int] = DEFAULT_MAX_PIXELS) -> datasets.Dataset:
     """One split of one VTAB-1k task from the on-disk format.
 
     ``task`` is a training name (``cifar100``) or folder name (``cifar``); either folder spelling
     is found under ``data_dir``. ``num_classes`` defaults to the registry's class count; pass it
-    for tasks that are not in the registry (same on-disk format, any folder name).
+    for tasks that are not in the registry (same on-disk format, any folder name). Every image
+    is checked at load (``verify_images``; header and end marker, see :func:`check_image`), so a
+    bad file is reported with its path before training; ``max_pixels`` caps the image size.
     ``validate_all_splits``: also check the task's other list files (those present of
     :data:`SPLITS`) with the same rules, so a bad label in ``train800.txt`` fails even when
     only ``train800val200.txt`` is loaded (the four files describe one download).
@@ -147,7 +213,8 @@ def load_vtab1k(data_dir: str, task: str, split: str, *, num_classes: Optional[i
     list_file = os.path.join(folder, f"{split}.txt")
     if not os.path.isfile(list_file):
         raise FileNotFoundError(f"list file {list_file!r} for split {split!r} of task {task!r} does not exist")
-    paths, labels = read_vtab_list(list_file, n)
+    paths, labels = read_vtab_list(list_file, n, verify_images=verify_images,
+                                   max_pixels=max_pixels)
     if validate_all_splits:
         for other in SPLITS:
             other_file = os.path.join(folder, f"{other}.txt")

@@ -11,7 +11,9 @@ Applied lazily, so the dataset on disk stays raw JPEGs and each preprocessing ca
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Sequence
+import io
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -37,6 +39,61 @@ def to_rgb(image: Any) -> Image.Image:
     return image.convert("RGB")
 
 
+#: A decoded image keeps at least this many times the target size per side (draft/reduce
+#: only shrink images larger than twice that, so ordinary VTAB images decode exactly as before).
+DECODE_MARGIN = 4
+
+
+def decode_image(value: Any, target: Optional[Tuple[int, int]] = None, *,
+                 max_pixels: Optional[int] = None) -> Image.Image:
+    """A PIL image from a decoded image, a path, or a ``datasets`` ``{"path", "bytes"}`` dict.
+
+    A large file is downscaled while it is decoded, before any transform sees it: a JPEG
+    through ``Image.draft`` (the decoder's DCT scaling: 1/2, 1/4 or 1/8, never below
+    ``DECODE_MARGIN x target``), other formats with ``Image.reduce`` right after loading. Only
+    images wider or taller than ``2 * DECODE_MARGIN x target`` change. ``max_pixels``: refuse a
+    larger file (``ValueError`` naming it). EXIF orientation is applied as ``datasets`` does.
+    """
+    from PIL import ImageOps
+
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, dict):
+        path, data = value.get("path"), value.get("bytes")
+        source: Any = io.BytesIO(data) if data is not None else path
+        name = path or "<image bytes>"
+    else:
+        source = name = os.fspath(value)
+    try:
+        im = Image.open(source)
+        w, h = im.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ValueError(f"{name} is {w}x{h} = {w * h:,} pixels, over the limit of "
+                             f"{max_pixels:,}")
+        if target is not None and im.format == "JPEG":
+            im.draft(None, (DECODE_MARGIN * target[0], DECODE_MARGIN * target[1]))
+        im.load()
+    except (OSError, SyntaxError) as e:  # PIL reports truncated / corrupt data as OSError
+        raise ValueError(f"{name}: cannot decode the image ({e})") from None
+    if target is not None:
+        factor = min(im.size[0] // (DECODE_MARGIN * target[0]),
+                     im.size[1] // (DECODE_MARGIN * target[1]))
+        if factor >= 2:
+            im = im.reduce(factor)
+    if im.getexif().get(0x0112) is not None:  # EXIF Orientation
+        im = ImageOps.exif_transpose(im)
+    return im
+
+
+def _processor_size(image_processor: Any) -> Optional[Tuple[int, int]]:
+    size = getattr(image_processor, "size", None) or {}
+    if "height" in size and "width" in size:
+        return int(size["width"]), int(size["height"])
+    if "shortest_edge" in size:
+        return int(size["shortest_edge"]), int(size["shortest_edge"])
+    return None
+
+
 def paper_pixel_values(images: Sequence[Any], image_size: int = 224) -> torch.Tensor:
     """(B, 3, image_size, image_size) float32: bicubic resize, /255, ImageNet mean/std."""
     settings = preset_settings("paper")  # the one definition of the paper's preprocessing
@@ -55,7 +112,8 @@ def make_transform(preprocess: str, *, image_processor: Any = None,
                    image_size: int = 224) -> Callable[[Dict[str, List[Any]]], Dict[str, torch.Tensor]]:
     """A ``Dataset.set_transform`` function for the named preprocessing.
 
-    The returned function maps a batch ``{"image": [PIL...], "label": [int...]}`` to
+    The returned function maps a batch ``{"image": [PIL... or undecoded path/bytes dicts],
+    "label": [int...]}`` (undecoded images go through :func:`decode_image`) to
     ``{"pixel_values": FloatTensor (B, 3, H, W), "labels": LongTensor (B,)}``. ``image_size``
     applies to ``"paper"``; ``"processor"`` uses the processor's own size settings.
 
@@ -70,10 +128,14 @@ def make_transform(preprocess: str, *, image_processor: Any = None,
     if preprocess == "paper" and (not isinstance(image_size, int) or image_size < 1):
         raise ValueError(f"image_size must be a positive integer, got {image_size!r}")
 
+    target = (image_size, image_size) if preprocess == "paper" else _processor_size(image_processor)
+
     def transform(batch: Dict[str, List[Any]]) -> Dict[str, torch.Tensor]:
         if "image" not in batch or "label" not in batch:
             raise KeyError(f"expected a batch with 'image' and 'label' columns, got {sorted(batch)}")
-        images = [to_rgb(im) for im in batch["image"]]
+        # Undecoded columns (datasets.Image(decode=False): path/bytes dicts) are decoded
+        # here, shrinking large files at decode time.
+        images = [to_rgb(decode_image(im, target)) for im in batch["image"]]
         if preprocess == "paper":
             pixel_values = paper_pixel_values(images, image_size)
         else:

@@ -12,6 +12,7 @@ with one ``images/<split>/<NNNNNN>.jpg <label>`` line per image. ``train800val20
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -24,18 +25,37 @@ JPEG_QUALITY = 95
 _IMAGE_SPLITS = ("train800", "val200", "test")
 
 
-def _to_pil(image: Any):
+def _to_pil(image: Any, where: str):
+    """A PIL image JPEG can hold exactly (mode L or RGB); ``ValueError`` naming ``where``
+    (split and image index) otherwise: an RGBA or 16-bit image would be converted lossily."""
     from PIL import Image
 
     if isinstance(image, Image.Image):
+        if image.mode not in ("L", "RGB"):
+            raise ValueError(f"{where}: PIL image of mode {image.mode!r}; JPEG holds L or RGB "
+                             "(convert it first, e.g. image.convert('RGB'))")
         return image
     import numpy as np
 
-    arr = np.asarray(image)
+    try:
+        arr = np.asarray(image)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: not an image ({type(image).__name__}: {e})") from None
     if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
-        raise ValueError(f"an image must be a PIL image or a uint8 array (H, W) or (H, W, 3), "
-                         f"got {arr.dtype} {arr.shape}")
+        raise ValueError(f"{where}: an image must be a PIL image (L or RGB) or a uint8 array "
+                         f"(H, W) or (H, W, 3), got {arr.dtype} {arr.shape}")
     return Image.fromarray(arr, "L" if arr.ndim == 2 else "RGB")
+
+
+def check_task_name(task: Any) -> str:
+    """A task name is one path component: not empty, not ``.`` or ``..``, no separator (else
+    ``ValueError``), so that writing ``<root>/<task>`` can never replace ``root`` itself or
+    write outside it."""
+    if not isinstance(task, str) or task in ("", ".", "..") or "/" in task or "\\" in task \
+            or (os.altsep and os.altsep in task) or "\x00" in task:
+        raise ValueError(f"task name {task!r} must be a single folder name (not empty, '.', "
+                         "'..', and without path separators)")
+    return task
 
 
 def write_vtab_task(root: str, task: str,
@@ -51,9 +71,11 @@ def write_vtab_task(root: str, task: str,
     same pixels always give the same bytes. ``extra_files``: more text files for the task
     folder (name -> content), e.g. a description.
 
-    The folder is built beside its final place and renamed into it, so an interrupted write
-    leaves no half-written task; an existing folder of the same name is replaced.
+    The folder is built beside its final place and swapped in (:func:`io.write_folder`): at
+    every instant ``<root>/<task>`` is the complete old task or the complete new one; an
+    existing folder of the same name is replaced whole. ``task`` must be one folder name.
     """
+    check_task_name(task)
     unknown = sorted(set(splits) - set(_IMAGE_SPLITS))
     if unknown:
         raise ValueError(f"{task}: unknown split(s) {unknown}; a VTAB-1k task has "
@@ -62,7 +84,7 @@ def write_vtab_task(root: str, task: str,
         if len(images) != len(labels):
             raise ValueError(f"{task}/{split}: {len(images)} images but {len(labels)} labels")
         for i, label in enumerate(labels):
-            if isinstance(label, bool) or int(label) != label or int(label) < 0:
+            if isinstance(label, bool) or not isinstance(label, numbers.Integral) or label < 0:
                 raise ValueError(f"{task}/{split}: label {label!r} of image {i} is not a "
                                  "non-negative integer")
     reserved = {f"{s}.txt" for s in SPLITS} | {"images"}
@@ -80,7 +102,7 @@ def write_vtab_task(root: str, task: str,
             lines[split] = []
             for i, (image, label) in enumerate(zip(images, labels)):
                 rel = f"images/{split}/{i:06d}.jpg"
-                _to_pil(image).save(os.path.join(tmp, rel), format="JPEG", quality=quality,
+                _to_pil(image, f"{task}/{split}: image {i}").save(os.path.join(tmp, rel), format="JPEG", quality=quality,
                                     subsampling=0)
                 lines[split].append(f"{rel} {int(label)}")
         if "train800" in lines and "val200" in lines:

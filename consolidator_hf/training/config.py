@@ -162,6 +162,10 @@ class FinetuneConfig:
     overwrite_output_dir: bool = field(default=False, metadata=_help(
         "clear an output folder that holds another run first (without it, such a folder is "
         "refused before any work)"))
+    allow_partial_resume: bool = field(default=False, metadata=_help(
+        "resume from a checkpoint that lacks optimizer.pt, scheduler.pt or rng_state.pth "
+        "(with a warning; the run then does not continue exactly). Off: such a checkpoint "
+        "is refused"))
     save_strategy: str = field(default="epoch", metadata=_help(
         "when to write a checkpoint", SAVE_STRATEGIES))
     save_steps: int = field(default=500, metadata=_help("checkpoint interval for --save-strategy steps"))

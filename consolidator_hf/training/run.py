@@ -226,6 +226,7 @@ def _is_main_process() -> bool:
 
 def _run(cfg: FinetuneConfig, callbacks: Optional[List[Any]]) -> Dict[str, Any]:
     from transformers import set_seed
+    import datasets
 
     from ..data import make_transform
 
@@ -244,6 +245,9 @@ def _run(cfg: FinetuneConfig, callbacks: Optional[List[Any]]) -> Dict[str, Any]:
     image_size = cfg.image_size or getattr(base.config, "image_size", 224)
     processor = _load_processor(cfg, image_size)
     transform = make_transform(cfg.preprocess, image_processor=processor, image_size=image_size)
+    # Decoded by the transform (decode_image), which shrinks large files while decoding them.
+    train_ds = train_ds.cast_column("image", datasets.Image(decode=False))
+    eval_ds = eval_ds.cast_column("image", datasets.Image(decode=False))
     train_ds.set_transform(transform)
     eval_ds.set_transform(transform)
     model = wrap_model(base, cfg)
@@ -253,12 +257,15 @@ def _run(cfg: FinetuneConfig, callbacks: Optional[List[Any]]) -> Dict[str, Any]:
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
         compute_metrics=_compute_metrics, warmup_epochs=cfg.warmup_epochs,
         warmup_start_lr=cfg.warmup_start_lr, min_lr=cfg.min_lr, callbacks=callbacks,
+        allow_partial_resume=cfg.allow_partial_resume,
     )
     resume: Any = cfg.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
         resume = True  # the newest checkpoint-N under output_dir/checkpoints
-    if trainer.is_world_process_zero():
-        write_run_metadata(cfg)  # names this run to a later one given the same folder
+    if trainer.is_world_process_zero() and not resume:
+        # Names this run to a later one given the same folder; a resumed run's folder already
+        # says what it holds, and a resume refused by its checks must leave nothing new behind.
+        write_run_metadata(cfg)
     start = time.perf_counter()
     train_out = trainer.train(resume_from_checkpoint=resume)
     train_runtime = time.perf_counter() - start

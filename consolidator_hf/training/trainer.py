@@ -5,18 +5,29 @@ trainable tensors (``trainable_params.safetensors`` for the non-Consolidator met
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from typing import Any, Optional
+import shutil
+import warnings
+import zipfile
+from typing import Any, List, Optional, Union
 
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, rotate_checkpoints
 
-from ..io import atomic_save_safetensors, atomic_write_text, load_safetensors
+from ..io import atomic_save_safetensors, atomic_write_text, load_safetensors, swap_in
 from ..config import WEIGHTS_NAME
 from ..model import ConsolidatorModel
+from ..storage import check_tensor
 from .methods import unwrap_model
+
+#: Where a checkpoint is written before it is renamed to ``checkpoint-N`` beside it.
+CHECKPOINT_STAGING_DIR = ".staging"
+#: Files a checkpoint needs for an exact resume (besides the trainable tensors).
+RESUME_STATE_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 
 #: Trainable tensors of a non-Consolidator method (checkpoints and ``adapter/``).
 TRAINABLE_WEIGHTS_NAME = "trainable_params.safetensors"
@@ -50,7 +61,9 @@ def save_trainable_state(model: nn.Module, directory: str) -> None:
     model = unwrap_model(model)
     os.makedirs(directory, exist_ok=True)
     if isinstance(model, ConsolidatorModel):
-        model.save_pretrained(directory, consolidate=False)
+        # Straight into the folder: a checkpoint is staged whole by AdapterTrainer, and other
+        # processes write their RNG state into the same folder meanwhile.
+        model.write_adapter_files(directory, consolidate=False)
         return
     tensors = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     atomic_save_safetensors(tensors, os.path.join(directory, TRAINABLE_WEIGHTS_NAME),
@@ -79,7 +92,67 @@ def load_trainable_state(model: nn.Module, directory: str) -> None:
         if value.shape != params[name].shape:
             raise ValueError(f"{path}: {name} has shape {tuple(value.shape)}, the model expects "
                              f"{tuple(params[name].shape)}")
+        check_tensor(value, name, path)
         params[name].copy_(value.to(params[name].dtype))
+
+
+def check_checkpoint(checkpoint: str, *, world_size: int = 1, allow_partial: bool = False,
+                     weights: bool = True) -> List[str]:
+    """Check that ``checkpoint`` can resume a run exactly; returns the resume files it lacks.
+
+    ``trainer_state.json`` must be a JSON object; ``optimizer.pt``, ``scheduler.pt`` and the
+    RNG state (``rng_state.pth``, or ``rng_state_<rank>.pth`` per process when ``world_size >
+    1``) must be there and be complete torch archives (their zip directory is read, not the
+    data); ``weights``: the trainable tensors too. A missing resume file raises
+    ``FileNotFoundError`` naming it and the way out, unless ``allow_partial`` (then a warning
+    is given: the run resumes, but not bit-identically). A truncated or garbage file raises
+    ``ValueError`` naming it.
+    """
+    if not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"{checkpoint}: no such checkpoint folder")
+    state_file = os.path.join(checkpoint, "trainer_state.json")
+    if os.path.isfile(state_file):
+        try:
+            with open(state_file, encoding="utf-8") as f:
+                state = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{state_file}: not valid JSON ({e}); the checkpoint is corrupt") from None
+        if not isinstance(state, dict) or "global_step" not in state:
+            raise ValueError(f"{state_file}: not a Trainer state (no global_step)")
+    else:
+        raise FileNotFoundError(f"{state_file}: missing; {checkpoint} is not a Trainer checkpoint")
+    if weights and not any(os.path.isfile(os.path.join(checkpoint, n))
+                           for n in (WEIGHTS_NAME, TRAINABLE_WEIGHTS_NAME)):
+        raise FileNotFoundError(f"{checkpoint}: holds neither {WEIGHTS_NAME} nor "
+                                f"{TRAINABLE_WEIGHTS_NAME}; it is not an adapter checkpoint")
+    rng = ["rng_state.pth"] if world_size <= 1 else [f"rng_state_{r}.pth" for r in range(world_size)]
+    missing = []
+    for name in ["optimizer.pt", "scheduler.pt"] + rng:
+        path = os.path.join(checkpoint, name)
+        if not os.path.isfile(path):
+            missing.append(name)
+            continue
+        try:  # torch.save writes a zip archive; a truncated one has no central directory
+            with zipfile.ZipFile(path) as z:
+                z.infolist()
+        except (zipfile.BadZipFile, OSError) as e:
+            raise ValueError(f"{path}: truncated or corrupt ({e}); resume from an earlier "
+                             "checkpoint") from None
+    if missing:
+        message = (f"{checkpoint}: missing {', '.join(missing)}; resuming without them would not "
+                   "continue the run exactly (optimizer moments, learning-rate schedule or "
+                   "random state start afresh)")
+        if not allow_partial:
+            raise FileNotFoundError(message + ". Resume from a complete checkpoint, or pass "
+                                    "allow_partial_resume=True (--allow-partial-resume) to go on "
+                                    "anyway")
+        warnings.warn(message + " (allow_partial_resume=True)", stacklevel=2)
+    return missing
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or inf: the run stops at that step (before the optimizer
+    applies it), and writes neither ``adapter/`` nor ``merged/``."""
 
 
 class AdapterTrainer(Trainer):
@@ -92,11 +165,94 @@ class AdapterTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, warmup_epochs: float = 0.0, warmup_start_lr: float = 0.0,
-                 min_lr: float = 0.0, **kwargs: Any) -> None:
+                 min_lr: float = 0.0, allow_partial_resume: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.warmup_epochs = warmup_epochs
         self.warmup_start_lr = warmup_start_lr
         self.min_lr = min_lr
+        self.allow_partial_resume = allow_partial_resume
+        self._staging_run_dir: Optional[str] = None
+
+    # ------------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint: Union[str, bool, None] = None, *args: Any,
+              **kwargs: Any):
+        """The base ``train``; a checkpoint to resume from is checked first
+        (:func:`check_checkpoint`). ``True`` picks the newest ``checkpoint-N``: every one is
+        complete, since checkpoints are staged and renamed in (:meth:`_save_checkpoint`)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir) \
+                if os.path.isdir(self.args.output_dir) else None
+            if resume_from_checkpoint is None:
+                raise FileNotFoundError(f"resume 'last': no checkpoint-N folder under "
+                                        f"{self.args.output_dir}")
+        if resume_from_checkpoint:
+            check_checkpoint(os.fspath(resume_from_checkpoint), world_size=self.args.world_size,
+                             allow_partial=self.allow_partial_resume, weights=not self._sharded())
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _get_output_dir(self, trial: Any) -> str:
+        if self._staging_run_dir is not None:
+            return self._staging_run_dir
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write ``checkpoint-N`` under ``<run>/.staging/`` (every process writes its part),
+        then rename it in: ``checkpoint-N`` only ever exists complete, so a kill while
+        checkpointing leaves the previous checkpoints as they were and ``last`` picks the
+        newest complete one. Old checkpoints are rotated only after the rename."""
+        if trial is not None:
+            return super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial)
+        stage_root = os.path.join(run_dir, CHECKPOINT_STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            shutil.rmtree(stage_root, ignore_errors=True)  # what a killed save left
+            os.makedirs(stage_root)
+        self.accelerator.wait_for_everyone()
+        self._staging_run_dir = stage_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_run_dir = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            swap_in(os.path.join(stage_root, name), os.path.join(run_dir, name))
+            shutil.rmtree(stage_root, ignore_errors=True)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint,
+                               use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        try:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
+            raise ValueError(f"{checkpoint}: optimizer.pt / scheduler.pt do not load ({e}); the "
+                             "checkpoint is corrupt or from another run") from None
+
+    def _load_rng_state(self, checkpoint: Optional[str]) -> None:
+        try:
+            return super()._load_rng_state(checkpoint)
+        except (RuntimeError, OSError, EOFError, ValueError, KeyError) as e:
+            raise ValueError(f"{checkpoint}: the RNG state does not load ({e}); the checkpoint "
+                             "is corrupt") from None
+
+    def training_step(self, model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base step, then a stop at the first non-finite loss (the base class would go on,
+        logging ``loss 0`` / ``grad_norm nan``, and write a NaN adapter at the end). The check
+        reads the loss on the host, as the base loop's own NaN filter already does each step;
+        with several processes the flag is reduced so that every rank stops together."""
+        loss = super().training_step(model, inputs, *args, **kwargs)
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)
+        if self.args.world_size > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")
+        if bool(bad.item()):
+            raise NonFiniteLossError(
+                f"training stopped at step {self.state.global_step + 1} (epoch "
+                f"{float(self.state.epoch or 0.0):.3f}): the loss is {loss.detach().float().mean().item()}"
+                f"{'' if self.args.world_size == 1 else ' (on at least one process)'}; no "
+                "adapter or merged model is written. Lower the learning rate, or check the data")
+        return loss
 
     def _sharded(self) -> bool:
         return bool(self.is_fsdp_enabled or self.is_deepspeed_enabled)
