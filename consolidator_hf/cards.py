@@ -160,22 +160,6 @@ def hub_base_model(model: ConsolidatorModel, base_model: Optional[str]) -> Optio
     return None
 
 
-def _vtab_task(dataset: Optional[str]) -> Optional[str]:
-    """The VTAB-1k task ``dataset`` names: a bare task name (``cifar100``, ``cifar``) or a
-    VTAB-named id (``vtab-1k-dtd``). ``uoft-cs/cifar100`` is the full dataset, not VTAB-1k."""
-    if not dataset or ("/" in dataset and "vtab" not in dataset.lower()):
-        return None
-    from .data.registry import get_task
-
-    name = dataset.split("/")[-1].lower()
-    for candidate in (name, re.sub(r"^vtab[-_]?1k[-_]", "", name)):
-        try:
-            return get_task(candidate).name
-        except ValueError:
-            continue
-    return None
-
-
 def build_model_card(
     model: ConsolidatorModel, *, kind: str = "merged", model_name: Optional[str] = None,
     repo_id: Optional[str] = None, base_model: Optional[str] = None, metrics: MetricsLike = None,
