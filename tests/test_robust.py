@@ -504,8 +504,11 @@ def test_killed_finetune_resumes_to_the_same_adapter(run_root, finished_run, tmp
         os.waitpid(pid, 0)
         ckpts = os.path.join(cfg.output_dir, "checkpoints")
         have = os.path.isdir(ckpts) and any(n.startswith("checkpoint-") for n in os.listdir(ckpts))
+        # Killed before its first checkpoint: the folder names the run (metadata.json) and is
+        # refused unless cleared, as the user is told to (--overwrite-output-dir).
         resumed = _run_cfg(run_root, f"k{trial}", output_dir=cfg.output_dir,
-                           resume_from_checkpoint="last" if have else None)
+                           resume_from_checkpoint="last" if have else None,
+                           overwrite_output_dir=not have)
         run_finetune(resumed)
         got = _adapter_tensors(cfg.output_dir)
         assert set(got) == set(whole)
