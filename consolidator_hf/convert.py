@@ -54,9 +54,6 @@ __all__ = [
 
 PathLike = Union[str, os.PathLike]
 
-# timm block linear layers -> (HF 5.x module inside ``vit.layers.{i}``, (out, in) in units of
-# (hidden D, mlp M)). qkv is split into q_proj/k_proj/v_proj below.
-_LINEARS = TIMM_VIT_LINEARS
 _MOCO_PREFIX = "module.base_encoder."
 
 
@@ -300,7 +297,7 @@ def parse_timm_vit(state: Dict[str, torch.Tensor], source: str = "checkpoint",
     for i in range(depth):
         norm(f"blocks.{i}.norm1")
         norm(f"blocks.{i}.norm2")
-        for timm_name, (_, shape) in _LINEARS.items():
+        for timm_name, (_, shape) in TIMM_VIT_LINEARS.items():
             out_f, in_f = (sizes[s] for s in shape.split(","))
             lin = _read_linear(r, f"blocks.{i}.{timm_name}", out_f, in_f)
             if lin is not None:
@@ -364,7 +361,7 @@ def _hf_state_dict(vit: TimmViT, merge: bool, shuffle: bool, prefix: str) -> Dic
         for timm_norm, hf_norm in TIMM_VIT_NORMS.items():
             w, b = vit.norms[f"blocks.{i}.{timm_norm}"]
             sd[f"{blk}{hf_norm}.weight"], sd[f"{blk}{hf_norm}.bias"] = w, b
-        for timm_name, (hf_name, _) in _LINEARS.items():
+        for timm_name, (hf_name, _) in TIMM_VIT_LINEARS.items():
             lin = vit.linears[f"blocks.{i}.{timm_name}"]
             w, b = lin.merged(shuffle) if merge else (lin.weight, lin.bias)
             if hf_name == "attention.qkv":  # rows [q; k; v]
@@ -428,14 +425,14 @@ def _adapter_model(vit: TimmViT, base: torch.nn.Module, channel_shuffle: bool):
     (groups, has_bias), = signatures
     if len(set(has_bias)) != 1:
         raise ConversionError("adapter=True needs all branches with a bias or all without")
-    all_adapted = len(adapted) == vit.depth * len(_LINEARS)
+    all_adapted = len(adapted) == vit.depth * len(TIMM_VIT_LINEARS)
     # Module names of the wrapped model, found from the 5.x names whichever scheme it uses.
     canon = {rename_4_to_5(n, "vit"): n for n, _ in base.named_modules()}
     prefix = HF_VIT_BACKBONE_PREFIX if vit.head is not None else ""
 
     def hf_names(timm_name: str) -> List[str]:
         i, kind = timm_name.split(".", 2)[1:]
-        hf = _LINEARS[kind][0]
+        hf = TIMM_VIT_LINEARS[kind][0]
         subs = QKV_MODULES["5.x"] if hf == "attention.qkv" else [hf]
         return [canon[f"{prefix}{HF_VIT_KEYS['blocks']}.{i}.{s}"] for s in subs]
 
