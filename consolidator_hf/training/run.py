@@ -25,7 +25,7 @@ from .._io import atomic_write_text
 from ..model import ConsolidatorModel
 from .config import FinetuneConfig, apply_recipe
 from .methods import parameter_summary, wrap_model
-from .trainer import AdapterTrainer, save_trainable_state
+from .trainer import AdapterTrainer, save_trainable_state, unused_trainable_parameters
 
 
 def _load_processor(cfg: FinetuneConfig, image_size: int):
@@ -159,6 +159,7 @@ def build_training_args(cfg: FinetuneConfig) -> TrainingArguments:
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
         optim="adamw_torch", seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, fp16=cfg.fp16,
+        torch_compile=cfg.torch_compile,
         use_cpu=cfg.use_cpu, logging_strategy="steps", logging_steps=cfg.logging_steps,
         save_strategy=cfg.save_strategy, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, eval_strategy="no",
@@ -202,6 +203,11 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Optional[List[Any]] = None) -> 
     eval_ds.set_transform(transform)
     model = wrap_model(base, cfg)
     counts = parameter_summary(model)
+    if args.world_size > 1:
+        # DDP's default (find_unused_parameters=True) walks the graph every step and warns when
+        # nothing is unused; ask the model instead: one forward + backward on one training image.
+        example = {"pixel_values": train_ds[0]["pixel_values"].unsqueeze(0)}
+        args.ddp_find_unused_parameters = bool(unused_trainable_parameters(model, example))
 
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
