@@ -214,6 +214,14 @@ def run_finetune(cfg: FinetuneConfig, callbacks: Optional[List[Any]] = None) -> 
         compute_metrics=_compute_metrics, warmup_epochs=cfg.warmup_epochs,
         warmup_start_lr=cfg.warmup_start_lr, min_lr=cfg.min_lr, callbacks=callbacks,
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        # accelerate 1.15 applies its FSDP plugin to GPU-type runs only; CPU ranks would
+        # silently train plain DDP under an FSDP config.
+        raise ValueError(
+            f"FSDP was requested (accelerate config distributed_type: FSDP) but accelerate does "
+            f"not apply it to this run ({trainer.accelerator.distributed_type}; CPU ranks are "
+            "never sharded by accelerate): use GPUs, or for data-parallel CPU ranks "
+            "`accelerate launch --multi_gpu --num_processes N scripts/finetune.py ... --use-cpu`")
     resume: Any = cfg.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
         resume = True  # the newest checkpoint-N under output_dir/checkpoints
