@@ -166,3 +166,21 @@ def test_bf16_finetune_on_cpu(tiny):
         ViTForImageClassification.from_pretrained(tiny / "backbone"), tiny / "bf16" / "adapter")
     x = torch.randn(4, 3, 16, 16)
     assert (_logits(merged, x) - _logits(adapter, x)).abs().max().item() <= 1e-5
+
+
+def test_unused_trainable_parameters_finds_what_a_forward_does_not_reach():
+    from consolidator_hf import ConsolidatorConfig
+    from consolidator_hf.training.trainer import unused_trainable_parameters
+    from tiny import pixels, tiny_dinov2, tiny_vit
+
+    example = {"pixel_values": pixels(1)}
+    adapted = ConsolidatorModel(tiny_vit(), ConsolidatorConfig(groups=(8,), drop_rate=0.5,
+                                                               modules_to_save=["classifier"]))
+    adapted.eval()
+    state = torch.random.get_rng_state()
+    assert unused_trainable_parameters(adapted, example) == []  # dropped branches still get grads
+    assert torch.equal(torch.random.get_rng_state(), state)  # the data order is untouched
+    assert all(p.grad is None for p in adapted.parameters()) and not adapted.training
+    full = tiny_dinov2()  # every parameter trainable: Dinov2's mask token is used only with masks
+    full.requires_grad_(True)
+    assert unused_trainable_parameters(full, example) == ["dinov2.embeddings.mask_token"]
