@@ -144,6 +144,9 @@ class FinetuneConfig:
     seed: int = field(default=42, metadata=_help("seed of the head, the branches and the data order"))
     bf16: bool = field(default=False, metadata=_help("bfloat16 mixed precision"))
     fp16: bool = field(default=False, metadata=_help("float16 mixed precision"))
+    torch_compile: bool = field(default=False, metadata=_help(
+        "compile the model with torch.compile (the Trainer's torch_compile, inductor backend; "
+        "the first steps pay the compilation)"))
     # preprocessing
     preprocess: str = field(default="processor", metadata=_help(
         "the backbone's image processor, or the paper's bicubic resize + ImageNet mean/std",

@@ -37,7 +37,7 @@ from .checks import (
 )
 from .config import FinetuneConfig, apply_recipe
 from .methods import parameter_summary, wrap_model
-from .trainer import AdapterTrainer, save_trainable_state
+from .trainer import AdapterTrainer, save_trainable_state, unused_trainable_parameters
 
 
 def _load_processor(cfg: FinetuneConfig, image_size: int):
@@ -132,6 +132,7 @@ def build_training_args(cfg: FinetuneConfig) -> TrainingArguments:
         learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay,
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
         optim="adamw_torch", seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, fp16=cfg.fp16,
+        torch_compile=cfg.torch_compile,
         use_cpu=cfg.use_cpu, logging_strategy="steps", logging_steps=cfg.logging_steps,
         save_strategy=cfg.save_strategy, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, eval_strategy="no",
@@ -252,6 +253,11 @@ def _run(cfg: FinetuneConfig, callbacks: Optional[List[Any]]) -> Dict[str, Any]:
     eval_ds.set_transform(transform)
     model = wrap_model(base, cfg)
     counts = parameter_summary(model)
+    if args.world_size > 1:
+        # DDP's default (find_unused_parameters=True) walks the graph every step and warns when
+        # nothing is unused; ask the model instead: one forward + backward on one training image.
+        example = {"pixel_values": train_ds[0]["pixel_values"].unsqueeze(0)}
+        args.ddp_find_unused_parameters = bool(unused_trainable_parameters(model, example))
 
     trainer = AdapterTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
@@ -259,6 +265,14 @@ def _run(cfg: FinetuneConfig, callbacks: Optional[List[Any]]) -> Dict[str, Any]:
         warmup_start_lr=cfg.warmup_start_lr, min_lr=cfg.min_lr, callbacks=callbacks,
         allow_partial_resume=cfg.allow_partial_resume,
     )
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not trainer.is_fsdp_enabled:
+        # accelerate 1.15 applies its FSDP plugin to GPU-type runs only; CPU ranks would
+        # silently train plain DDP under an FSDP config.
+        raise ValueError(
+            f"FSDP was requested (accelerate config distributed_type: FSDP) but accelerate does "
+            f"not apply it to this run ({trainer.accelerator.distributed_type}; CPU ranks are "
+            "never sharded by accelerate): use GPUs, or for data-parallel CPU ranks "
+            "`accelerate launch --multi_gpu --num_processes N scripts/finetune.py ... --use-cpu`")
     resume: Any = cfg.resume_from_checkpoint
     if isinstance(resume, str) and resume.lower() in ("true", "last", "latest"):
         resume = True  # the newest checkpoint-N under output_dir/checkpoints

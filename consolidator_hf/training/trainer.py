@@ -11,7 +11,7 @@ import os
 import shutil
 import warnings
 import zipfile
-from typing import Any, List, Optional, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
 from torch import nn
@@ -293,3 +293,31 @@ class AdapterTrainer(Trainer):
             self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
             self._created_lr_scheduler = True
         return self.lr_scheduler
+
+
+def unused_trainable_parameters(model: nn.Module, example: Dict[str, torch.Tensor]) -> List[str]:
+    """Names of the ``requires_grad`` parameters that one training-mode forward + backward of
+    ``model(**example)`` leaves without a gradient (DDP's "unused parameters").
+
+    Decides DDP's ``find_unused_parameters``: ``False`` when this is empty (a ViT forward reaches
+    every trainable tensor), which spares DDP a graph walk per step and its warning. The torch
+    RNG, the model's mode and its ``.grad`` fields are left as they were.
+    """
+    model = unwrap_model(model)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    before = {n: p.grad for n, p in params.items()}
+    was_training = model.training
+    device = next(iter(params.values())).device if params else torch.device("cpu")
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model.train()
+            for p in params.values():
+                p.grad = None
+            out = model(**{k: v.to(device) for k, v in example.items()})
+            logits = out["logits"] if isinstance(out, dict) or hasattr(out, "keys") else out[0]
+            logits.float().sum().backward()
+        return sorted(n for n, p in params.items() if p.grad is None)
+    finally:
+        for n, p in params.items():
+            p.grad = before[n]
+        model.train(was_training)
