@@ -46,7 +46,7 @@ class RealDefaultConfig:
     backbone_layers: Optional[int] = None  # None: all 12 (fewer: a truncated copy, for tests)
     seeds: Tuple[int, ...] = (0,)
     methods: Tuple[str, ...] = ("consolidator", "linear")
-    epochs: float = 2.0
+    epochs: float = 4.0
     groups: Tuple[int, ...] = (192,)
     drop_rate: float = 0.1
     consolidator_learning_rate: float = 1e-3
