@@ -175,9 +175,15 @@ def main(argv=None) -> None:
                            threads_per_job=args.threads or 1)
     wall = time.perf_counter() - start
 
+    full_run = (list(tasks) == list(REAL_TASKS if real else TOY_TASKS) and seeds == [0, 1, 2]
+                and not args.methods)
+    run_kind = ("quick" if args.quick else "full" if full_run else
+                f"SUBSET: {len(tasks)} task(s), {len(seeds)} seed(s), {len(methods)} method(s)")
+    if real:
+        run_kind += ", real DINOv2 ViT-S/14 backbone"
     command = "python scripts/mini_vtab.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = "\n".join([
-        f"## mini-VTAB results ({'quick' if args.quick else 'full'})\n",
+        f"## mini-VTAB results ({run_kind})\n",
         f"- command: `{command.strip()}`",
         f"- machine: {machine_description()}" + (f"; {args.jobs} worker processes" if args.jobs > 1 else ""),
         f"- finished: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, wall time {wall / 60:.1f} min "
