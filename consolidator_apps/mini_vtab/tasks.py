@@ -49,7 +49,7 @@ class MiniTask:
     name: str
     group: str
     num_classes: int
-    source: str  # "digits" or "fashion_mnist"
+    source: str  # "digits", "fashion_mnist" or "elpv"
     description: str
     label_names: Tuple[str, ...]
     # build(rng, sources, test_size) -> (train800val200 split, test split)
@@ -63,12 +63,21 @@ class Sources:
         self.fashion_dir = fashion_dir
         self._digits: Optional[Tuple[np.ndarray, np.ndarray]] = None
         self._fashion_test: Optional[Tuple[np.ndarray, np.ndarray]] = None
+        self._elpv: Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]] = None
 
     @property
     def digits(self) -> Tuple[np.ndarray, np.ndarray]:
         if self._digits is None:
             self._digits = load_digits_images()
         return self._digits
+
+    @property
+    def elpv(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self._elpv is None:
+            from ..elpv import load_elpv
+
+            self._elpv = load_elpv()
+        return self._elpv
 
     @property
     def fashion_test(self) -> Tuple[np.ndarray, np.ndarray]:
@@ -123,6 +132,25 @@ def _build_digits(rng, src: Sources, test_size: int):
 
     def split(idx):
         return _stack([_rgb(standard_view(_resize(images[i], 28))) for i in idx],
+                      [int(labels[i]) for i in idx])
+    return split(tv), split(te)
+
+
+# ELPV cells are kept at 64 px (not the 32 px canvas): cracks need the pixels, and the real
+# backbone resizes its input to its own size (56 px) anyway.
+ELPV_IMAGE_SIZE = 64
+
+
+def _build_elpv_defect4(rng, src: Sources, test_size: int):
+    from ..elpv import elpv_labels
+
+    images, probs, _ = src.elpv
+    labels = elpv_labels("elpv_defect4", probs)
+    tv, te = _pools(rng, len(images), TRAIN_SIZE + VAL_SIZE)
+    te = te[:test_size]
+
+    def split(idx):
+        return _stack([_rgb(_resize(images[i], ELPV_IMAGE_SIZE)) for i in idx],
                       [int(labels[i]) for i in idx])
     return split(tv), split(te)
 
@@ -251,6 +279,10 @@ TASKS: Dict[str, MiniTask] = {t.name: t for t in (
              "fine-grained: T-shirt/top vs pullover vs coat vs shirt, random colour tint, "
              "Gaussian sensor noise (sigma 25/255)",
              tuple(FASHION_MNIST_CLASSES[c] for c in _TOPS), _build_fashion_tops_tinted),
+    MiniTask("elpv_defect4", "specialized", 4, "elpv",
+             "real electroluminescence images of solar cells (PyPI elpv-dataset, CC BY-NC-SA 4.0), "
+             "300x300 resized to 64x64: the expert's defect probability 0, 1/3, 2/3 or 1",
+             ("p=0", "p=1/3", "p=2/3", "p=1"), _build_elpv_defect4),
     MiniTask("rotation", "structured", 8, "fashion_mnist",
              "rotation of a Fashion-MNIST item: 8 bins of 45 degrees (+-5 degrees jitter)",
              tuple(f"{45 * k} deg" for k in range(8)), _build_rotation),
@@ -261,6 +293,14 @@ TASKS: Dict[str, MiniTask] = {t.name: t for t in (
              "how many (1-6) non-overlapping 8x8 handwritten digits lie on the canvas (CLEVR-count-like)",
              tuple(str(i) for i in range(1, MAX_COUNT + 1)), _build_count),
 )}
+
+
+# The default task lists: the small Fashion-MNIST-pretrained backbone's seven (every 32 px task),
+# and five for the real DINOv2 backbone (natural: digits, fashion_clutter; specialized: ELPV's
+# solar cells; structured: rotation, count), chosen before any result, the same for every method.
+TOY_TASKS = ("digits", "fashion_clutter", "fashion_negative", "fashion_tops_tinted", "rotation",
+             "location", "count")
+REAL_TASKS = ("digits", "fashion_clutter", "elpv_defect4", "rotation", "count")
 
 
 def task_names() -> List[str]:
@@ -304,8 +344,8 @@ def generate_task(name: str, data_dir: str, *, seed: int = 0, fashion_dir: Optio
         "name": name, "group": task.group, "num_classes": task.num_classes,
         "label_names": list(task.label_names), "description": task.description,
         "source": task.source, "seed": int(seed), "generator_version": GENERATOR_VERSION,
-        "image_size": IMAGE_SIZE, "image_format": f"JPEG quality {JPEG_QUALITY}, 4:4:4",
-        "sizes": sizes,
+        "image_size": int(tv_images.shape[1]), "image_format": f"JPEG quality {JPEG_QUALITY}, 4:4:4",
+        "sizes": sizes, "test_size_asked": int(test_size),
     }
     write_vtab_task(data_dir, name, splits, quality=JPEG_QUALITY,
                     extra_files={"task.json": json.dumps(summary, indent=2, sort_keys=True) + "\n"})
