@@ -147,6 +147,9 @@ class FinetuneConfig:
     torch_compile: bool = field(default=False, metadata=_help(
         "compile the model with torch.compile (the Trainer's torch_compile, inductor backend; "
         "the first steps pay the compilation)"))
+    torch_compile_backend: str = field(default="inductor", metadata=_help(
+        "torch.compile backend with --torch-compile (the Trainer's torch_compile_backend; "
+        "'aot_eager' traces forward and backward without generating kernels: a quick check)"))
     # preprocessing
     preprocess: str = field(default="processor", metadata=_help(
         "the backbone's image processor, or the paper's bicubic resize + ImageNet mean/std",

@@ -133,6 +133,7 @@ def build_training_args(cfg: FinetuneConfig) -> TrainingArguments:
         num_train_epochs=cfg.num_train_epochs, max_steps=cfg.max_steps,
         optim="adamw_torch", seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, fp16=cfg.fp16,
         torch_compile=cfg.torch_compile,
+        torch_compile_backend=cfg.torch_compile_backend if cfg.torch_compile else None,
         use_cpu=cfg.use_cpu, logging_strategy="steps", logging_steps=cfg.logging_steps,
         save_strategy=cfg.save_strategy, save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit, eval_strategy="no",
@@ -173,6 +174,9 @@ def load_backbone(model: str, id2label: Dict[int, str]) -> nn.Module:
     try:
         base, info = AutoModelForImageClassification.from_pretrained(
             model, id2label=id2label, label2id={n: i for i, n in id2label.items()},
+            # VTAB tasks are single-label; set up front, transformers would set it in the first
+            # forward, and under torch.compile that change recompiles the whole model once more
+            problem_type="single_label_classification",
             ignore_mismatched_sizes=True, output_loading_info=True)
     except OSError as e:
         if not looks_like_path(model) and "connect" in str(e).lower():
