@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_field(p, f)
     for f in dataclasses.fields(OfflineDefaultConfig):
         if f.name not in ("output_dir", "use_cpu"):
-            _add_field(p, f, hidden=True, prefix=_OFFLINE_PREFIX)
+            # sizes for tests and quick looks stay hidden; a field with help text is shown
+            _add_field(p, f, hidden="help" not in f.metadata, prefix=_OFFLINE_PREFIX)
     return p
 
 

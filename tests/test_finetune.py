@@ -1,6 +1,7 @@
 """scripts/finetune.py: YAML + flags, the distributed CPU run, and the offline default at a
 reduced size."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -98,7 +99,7 @@ def test_offline_default_at_a_reduced_size(tmp_path, capsys):
     s = run_offline_default(cfg)
     printed = capsys.readouterr().out
     assert "consolidator" in printed and "linear" in printed and "test top-1" in printed
-    assert not s["backbone_reused_from_cache"]
+    assert not s["backbone_reused_from_cache"] and s["backbone_source"] == "pretrained"
     assert set(s["results"]) == {"consolidator", "linear"}
     assert s["results"]["consolidator"]["trainable_params"] > s["results"]["linear"]["trainable_params"]
     # the VTAB-format data went through load_vtab1k: 4:1 train/val, the rest for test
@@ -121,7 +122,41 @@ def test_offline_default_at_a_reduced_size(tmp_path, capsys):
     # a second run reuses the cached backbone
     s2 = run_offline_default(OfflineDefaultConfig(output_dir=str(tmp_path / "run2"), **small))
     assert s2["backbone_reused_from_cache"] and s2["backbone"] == s["backbone"]
+    assert s2["backbone_source"] == "cache" and "reused from cache" in capsys.readouterr().out
     assert not os.path.exists(tmp_path / "run2" / "pretrain")
+
+
+def test_the_default_backbone_is_shipped_and_pretrain_opts_out(tmp_path):
+    """The README's run adapts the backbone shipped in consolidator_apps/backbones (its name is
+    the cache key of the default settings, so a changed default cannot pick a stale one); the
+    folder is a standard ViTModel with a card and its training curve; pretrain=True (the
+    hidden --offline-pretrain) and other settings do not use it."""
+    from huggingface_hub import ModelCard
+
+    from consolidator_apps.offline_default import SHIPPED_DIR, pretrain_backbone, shipped_backbone
+
+    cfg = OfflineDefaultConfig()
+    folder = shipped_backbone(cfg)
+    assert folder == os.path.join(SHIPPED_DIR, backbone_name(cfg))
+    assert sorted(os.listdir(SHIPPED_DIR)) == [backbone_name(cfg)]  # no stale copies
+    model = ViTModel.from_pretrained(folder, add_pooling_layer=False)
+    c = model.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size,
+            c.patch_size, c.image_size) == (cfg.hidden_size, cfg.num_hidden_layers,
+                                            cfg.num_attention_heads, cfg.intermediate_size,
+                                            cfg.patch_size, cfg.image_size)
+    assert 140_000 < sum(p.numel() for p in model.parameters()) < 160_000
+    curve = json.load(open(os.path.join(folder, "training_curve.json")))
+    assert curve["source_task"] == SOURCE_TASK and curve["epochs"] == cfg.source_epochs
+    assert curve["source_test_accuracy"] > 0.95
+    card = ModelCard.load(os.path.join(folder, "README.md"))
+    assert card.data.library_name == "transformers" and "Why it is shipped" in card.text
+    # the run takes it without writing the cache
+    got = pretrain_backbone(str(tmp_path / "data"), cfg, str(tmp_path / "cache"))
+    assert got == (folder, "shipped") and not os.path.exists(tmp_path / "cache")
+    assert shipped_backbone(dataclasses.replace(cfg, pretrain=True)) is None
+    assert shipped_backbone(dataclasses.replace(cfg, source_epochs=24.0)) is None
+    assert shipped_backbone(dataclasses.replace(cfg, seed=1)) is None
 
 
 def test_real_offline_default_at_a_reduced_size(tmp_path, monkeypatch, capsys):
