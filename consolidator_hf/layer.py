@@ -146,28 +146,42 @@ class ConsolidatorLinear(nn.Module):
         when nothing drops.
 
         The same numbers as K consecutive :func:`grouped.keep_mask` draws, one per branch in
-        order (what the reference path draws), so both paths see identical masks under the same
-        seed. They are drawn where the layer computes and only ever enter arithmetic (a
-        per-sample scale), never a host decision: no device synchronisation, no data-dependent
-        shapes, nothing for ``torch.compile`` to recompile on.
+        order, so the reference and the fast path see identical masks under the same seed.
+        Eager: drawn on the host (the CPU generator) and copied to ``device`` without a
+        synchronisation, so the host knows which samples dropped without reading a device
+        tensor (:meth:`_draw_masks_with_flags`). Under ``torch.compile``: drawn on ``device``
+        as part of the graph, used only as a per-sample scale (no data-dependent shape).
         """
+        return self._draw_masks_with_flags(batch, device)[0]
+
+    def _draw_masks_with_flags(self, batch: int, device=None
+                               ) -> Tuple[Optional[torch.Tensor], Optional[List[List[bool]]]]:
+        """``(masks, keep)``: :meth:`draw_masks`'s tensor and, in eager mode, its keep flags as
+        host booleans ``keep[k][n]`` (``None`` under ``torch.compile`` or without drop)."""
         if not (self.training and self.drop_rate > 0):
-            return None
-        return grouped.keep_masks(batch, len(self.branches), self.drop_rate, device=device)
+            return None, None
+        k = len(self.branches)
+        if torch.compiler.is_compiling():
+            return grouped.keep_masks(batch, k, self.drop_rate, device=device), None
+        masks = grouped.keep_masks(batch, k, self.drop_rate)  # host memory: reading it is free
+        keep = (masks > 0).t().numpy().tolist()
+        if device is not None and torch.device(device).type != "cpu":
+            masks = masks.pin_memory().to(device, non_blocking=True)
+        return masks, keep
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
         """Same result as :meth:`forward_reference` through one merged-weight GEMM.
 
-        Eager: one GEMM through ``W0 + s sum_k D_k`` plus per-sample drop corrections, and a
-        block-structured backward; under ``torch.compile``: the same formula as plain traceable
-        ops
+        Eager: one GEMM through ``W0 + s sum_k D_k`` plus the drop corrections on the rows of
+        the samples that dropped a branch, and a block-structured backward; under
+        ``torch.compile``: the same formula as plain traceable ops
         (see :mod:`consolidator_hf.fast_path`).
         """
         base = self.base_layer
-        masks = self.draw_masks(x.shape[0] if x.dim() > 1 else 1, x.device)
+        masks, keep = self._draw_masks_with_flags(x.shape[0] if x.dim() > 1 else 1, x.device)
         return fast_linear(x, base.weight, base.bias, [b.weight for b in self.branches],
                            [b.bias for b in self.branches], self.geometries, masks,
-                           self.drop_rate, self._union_cache)
+                           self.drop_rate, self._union_cache, keep)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """docs/DESIGN.md section 1 literally: base, plus each branch times its per-sample mask."""

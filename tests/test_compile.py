@@ -132,8 +132,10 @@ class _NoHostReads(TorchDispatchMode):
 
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3])
 def test_eager_training_step_reads_nothing_back_to_the_host(drop_rate, monkeypatch):
-    """Masks are drawn where the model computes and only scale rows: a training forward and
-    backward (eager, default impl, two branches) performs no host read of a tensor value."""
+    """A training forward and backward (eager, default impl, two branches) performs no host
+    read of a tensor value (no item/tolist/nonzero/...): which samples dropped is known on the
+    host because the layer drew the masks there (host memory, read before the tensor goes to
+    the model's device), not read back from a tensor the step computed."""
     model = _model(tiny_vit, drop_rate, groups=(16, 8))
     px = pixels(4)
     model(pixel_values=px)  # the union caches are built once, outside the step
