@@ -344,7 +344,6 @@ class _MergedBranchLinear(torch.autograd.Function):
         n = len(spec.geometries)
         weights, biases = branch_params[:n], branch_params[n:]
         dtype = _compute_dtype(x)
-        batch = x.shape[0]
         with _autocast_off(x.device.type):
             xc = x.to(dtype).contiguous()
             values, bias = _patch(state, b0, weights, biases, spec.scale, dtype)

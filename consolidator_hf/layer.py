@@ -166,7 +166,9 @@ class ConsolidatorLinear(nn.Module):
         masks = grouped.keep_masks(batch, k, self.drop_rate)  # host memory: reading it is free
         keep = (masks > 0).t().numpy().tolist()
         if device is not None and torch.device(device).type != "cpu":
-            masks = masks.pin_memory().to(device, non_blocking=True)
+            if torch.device(device).type == "cuda":
+                masks = masks.pin_memory()  # so the copy below does not wait for the GPU
+            masks = masks.to(device, non_blocking=True)
         return masks, keep
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
