@@ -185,15 +185,11 @@ def test_training_stops_at_the_first_non_finite_loss(tmp_path):
 
 # ---------------------------------------------------------------------- resume
 def _run_cfg(root, name, **kw):
-    from consolidator_hf.training import FinetuneConfig
+    from tiny_vtab import tiny_finetune_config
 
-    base = dict(model=str(root / "backbone"), task="tiny_task", data_dir=str(root / "vtab"),
-                num_classes=3, groups=(8,), learning_rate=3e-2, weight_decay=0.0, batch_size=8,
-                max_steps=5, warmup_epochs=0.5, seed=0, logging_steps=1, drop_rate=0.2,
-                save_strategy="steps", save_steps=1, save_total_limit=2,
-                output_dir=str(root / name))
-    base.update(kw)
-    return FinetuneConfig(**base)
+    return tiny_finetune_config(root, name, **{
+        **dict(max_steps=5, drop_rate=0.2, save_strategy="steps", save_steps=1,
+               save_total_limit=2), **kw})
 
 
 @pytest.fixture(scope="module")

@@ -19,16 +19,12 @@ from consolidator_hf.training import (
     run_finetune,
     warmup_cosine_lambda,
 )
-from tiny_vtab import write_tiny_workdir
+from tiny_vtab import tiny_finetune_config, write_tiny_workdir
 
 
 def _cfg(tmp, name, **kw):
-    base = dict(model=str(tmp / "backbone"), task="tiny_task", data_dir=str(tmp / "vtab"),
-                num_classes=3, method="consolidator", groups=(8,), learning_rate=3e-2,
-                weight_decay=0.0, batch_size=8, num_train_epochs=4, warmup_epochs=0.5,
-                seed=0, logging_steps=1, save_strategy="no", output_dir=str(tmp / name))
-    base.update(kw)
-    return FinetuneConfig(**base)
+    return tiny_finetune_config(tmp, name, **{
+        **dict(method="consolidator", num_train_epochs=4, save_strategy="no"), **kw})
 
 
 @pytest.fixture(scope="module")

@@ -41,3 +41,15 @@ def write_tiny_workdir(root):
     write_tiny_vtab(root / "vtab")
     save_tiny_backbone(root / "backbone")
     return root
+
+
+def tiny_finetune_config(root, name, **overrides):
+    """A ``FinetuneConfig`` for the tiny workdir ``root`` (:func:`write_tiny_workdir`) writing to
+    ``root/name``: the settings the training tests share; ``overrides`` replace any of them."""
+    from consolidator_hf.training import FinetuneConfig
+
+    fields = dict(model=str(root / "backbone"), task="tiny_task", data_dir=str(root / "vtab"),
+                  num_classes=3, groups=(8,), learning_rate=3e-2, weight_decay=0.0, batch_size=8,
+                  warmup_epochs=0.5, seed=0, logging_steps=1, output_dir=str(root / name))
+    fields.update(overrides)
+    return FinetuneConfig(**fields)
