@@ -30,7 +30,9 @@ from consolidator_hf.cli import HelpFormatter, run_cli
 from consolidator_apps.mini_vtab import (
     PretrainConfig,
     ensure_backbone,
+    fetch_fashion_mnist,
     generate_task,
+    get_task,
     read_pretrain_info,
     task_names,
 )
@@ -58,6 +60,8 @@ def ensure_tasks(data_dir: str, names, seed: int, fashion_dir=None, test_size: i
             wanted = (seed, GENERATOR_VERSION, test_size)
             if (info.get("seed"), info.get("generator_version"), info.get("test_size_asked", TEST_SIZE)) == wanted:
                 continue
+        if get_task(name).source == "fashion_mnist":
+            fashion_dir = fetch_fashion_mnist(fashion_dir)  # no-op when installed
         t0 = time.perf_counter()
         generate_task(name, data_dir, seed=seed, fashion_dir=fashion_dir, test_size=test_size)
         print(f"generated task {name} in {data_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
@@ -97,7 +101,7 @@ def main(argv=None) -> None:
                    help=f"test images per task (default {TEST_SIZE}; --real-backbone: 500)")
     p.add_argument("--data-dir", default="data/mini-vtab", help="where the tasks are (or get) written")
     p.add_argument("--task-seed", type=int, default=0, help="seed of the task generation")
-    p.add_argument("--fashion-dir", default=None, help="Fashion-MNIST idx folder (default: the Debian package's)")
+    p.add_argument("--fashion-dir", default=None, help="Fashion-MNIST idx folder (default: the Debian package's, fetched when missing)")
     p.add_argument("--output-dir", default="outputs/mini-vtab")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; 1 helps on a CPU shared with other jobs)")

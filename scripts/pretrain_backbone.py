@@ -3,9 +3,9 @@
     python scripts/pretrain_backbone.py                        # default settings, cached folder
     python scripts/pretrain_backbone.py --output-dir my-backbone --epochs 3
 
-Needs the Fashion-MNIST idx files (``apt-get install dataset-fashion-mnist`` or
-``--fashion-dir``). A folder already holding a backbone pretrained with the same settings is reused
-(``--force`` trains again). Writes a standard Hugging Face folder plus pretrain.json and the
+Needs the Fashion-MNIST idx files: the Debian package ``dataset-fashion-mnist``'s, fetched into
+the project cache when not installed (``fetch_fashion_mnist``), or ``--fashion-dir``. A folder
+already holding a backbone pretrained with the same settings is reused (``--force`` trains again). Writes a standard Hugging Face folder plus pretrain.json and the
 training curve (training_curve.json / .png).
 """
 
@@ -24,7 +24,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", default=None,
                         help="backbone folder (default: ~/.cache/consolidator_hf/mini_vtab/backbone-<hash>)")
     parser.add_argument("--fashion-dir", default=None,
-                        help="folder with the Fashion-MNIST idx files (default: the Debian package's)")
+                        help="folder with the Fashion-MNIST idx files (default: the Debian package's, fetched when missing)")
     parser.add_argument("--force", action="store_true", help="pretrain even if a matching folder exists")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads (default: torch's; 1 helps on a CPU shared with other jobs)")

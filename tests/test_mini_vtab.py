@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -26,7 +27,9 @@ from consolidator_apps.mini_vtab import (
     read_idx,
     task_names,
 )
-from consolidator_apps.mini_vtab.sources import export_fashion_mnist_idx, write_idx
+from consolidator_apps.mini_vtab import sources
+from consolidator_apps.mini_vtab.sources import FASHION_MNIST_FILES as FASHION_FILES
+from consolidator_apps.mini_vtab.sources import export_fashion_mnist_idx, fetch_fashion_mnist, write_idx
 
 FASHION_TASKS = [n for n in task_names() if get_task(n).source == "fashion_mnist"]
 
@@ -108,6 +111,90 @@ def test_missing_fashion_mnist_names_the_path_and_the_package(tmp_path):
     assert "zalando-datasets/fashion_mnist" in msg
     with pytest.raises(ValueError, match="split"):
         load_fashion_mnist("validation", str(tmp_path))
+
+
+def _fake_deb(tmp_path, with_files=True):
+    """A real .deb (built by dpkg-deb) laid out like Debian's dataset-fashion-mnist, tiny."""
+    root = tmp_path / "pkgroot"
+    data = root / "usr/share/datasets/fashion-mnist"
+    data.mkdir(parents=True)
+    (root / "DEBIAN").mkdir()
+    (root / "DEBIAN/control").write_text(
+        "Package: dataset-fashion-mnist\nVersion: 1\nArchitecture: all\n"
+        "Maintainer: test <t@example.org>\nDescription: tiny fake\n")
+    rng = np.random.default_rng(0)
+    if with_files:
+        for split, n in (("train", 12), ("test", 5)):
+            images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+            labels = rng.integers(0, 10, n).astype(np.uint8)
+            img_name, lab_name = FASHION_FILES[split]
+            write_idx(str(data / img_name), images)
+            write_idx(str(data / lab_name), labels)
+    else:
+        (data / "README").write_text("no idx files here")
+    deb = tmp_path / "fashion.deb"
+    subprocess.run(["dpkg-deb", "--root-owner-group", "-b", str(root), str(deb)], check=True,
+                   capture_output=True)
+    return deb
+
+
+def _fake_apt_get(tmp_path, monkeypatch, deb, exit_code=0):
+    """An ``apt-get`` on PATH that logs its arguments and 'downloads' ``deb`` into its cwd."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    log = tmp_path / "apt-calls.txt"
+    script = bin_dir / "apt-get"
+    script.write_text(f"#!/bin/sh\necho \"$@\" >> {log}\n"
+                      + (f"echo \"E: Unable to locate package $2\" >&2\nexit {exit_code}\n" if exit_code
+                         else f"cp {deb} ./dataset-fashion-mnist_1_all.deb\n"))
+    script.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    return log
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs Debian's dpkg-deb")
+def test_fetch_fashion_mnist_unpacks_the_debian_package_into_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+    monkeypatch.delenv("CONSOLIDATOR_FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setenv("CONSOLIDATOR_HF_CACHE", str(tmp_path / "cache"))
+    deb = _fake_deb(tmp_path)
+    log = _fake_apt_get(tmp_path, monkeypatch, deb)
+    with pytest.raises(FileNotFoundError, match="fetch_fashion_mnist"):
+        load_fashion_mnist("test")  # not fetched yet: the error says how
+    folder = fetch_fashion_mnist(quiet=True)
+    assert folder == str(tmp_path / "cache" / "fashion-mnist")
+    assert sorted(os.listdir(folder)) == sorted(n for v in FASHION_FILES.values() for n in v)
+    images, labels = load_fashion_mnist("train")  # found in the cache now, without fashion_dir
+    assert images.shape == (12, 28, 28) and labels.shape == (12,)
+    src = tmp_path / "pkgroot/usr/share/datasets/fashion-mnist"
+    for name in os.listdir(folder):
+        assert (src / name).read_bytes() == (tmp_path / "cache/fashion-mnist" / name).read_bytes()
+    assert log.read_text().split() == ["download", "dataset-fashion-mnist"]
+    assert fetch_fashion_mnist(quiet=True) == folder
+    assert log.read_text().count("download") == 1  # the second call found the cache
+    # an explicit folder is the user's: returned as given, nothing fetched
+    assert fetch_fashion_mnist(str(tmp_path / "mine"), quiet=True) == str(tmp_path / "mine")
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="needs Debian's dpkg-deb")
+def test_fetch_fashion_mnist_failures_name_the_cause_and_write_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(sources, "FASHION_MNIST_DIR", str(tmp_path / "not-installed"))
+    monkeypatch.delenv("CONSOLIDATOR_FASHION_MNIST_DIR", raising=False)
+    monkeypatch.setenv("CONSOLIDATOR_HF_CACHE", str(tmp_path / "cache"))
+    _fake_apt_get(tmp_path, monkeypatch, None, exit_code=100)
+    with pytest.raises(RuntimeError, match=r"exit 100.*Unable to locate package dataset-fashion-mnist"):
+        fetch_fashion_mnist(quiet=True)
+    assert not (tmp_path / "cache" / "fashion-mnist").exists()
+    empty = tmp_path / "second"
+    empty.mkdir()
+    deb = _fake_deb(empty, with_files=False)
+    _fake_apt_get(empty, monkeypatch, deb)
+    with pytest.raises(RuntimeError, match=r"holds no Fashion-MNIST idx files"):
+        fetch_fashion_mnist(quiet=True)
+    assert not (tmp_path / "cache" / "fashion-mnist").exists()
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    with pytest.raises(FileNotFoundError, match=r"apt-get and dpkg-deb.*--fashion-dir"):
+        fetch_fashion_mnist(quiet=True)
 
 
 def test_fake_fashion_reads_back(fake_fashion):

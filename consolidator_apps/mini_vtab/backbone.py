@@ -39,7 +39,7 @@ from consolidator_hf.io import cache_dir, write_folder
 from consolidator_hf.data.writer import write_vtab_task
 
 from ..pretraining import pretrain_from_scratch
-from .sources import FASHION_MNIST_CLASSES, load_fashion_mnist
+from .sources import FASHION_MNIST_CLASSES, fetch_fashion_mnist, load_fashion_mnist
 
 PRETRAIN_INFO = "pretrain.json"
 CURVE_JSON = "training_curve.json"
@@ -280,5 +280,6 @@ def ensure_backbone(output_dir: Optional[str] = None, cfg: Optional[PretrainConf
         return output_dir, info
     if info is not None and verbose:
         print(f"{output_dir} holds a backbone pretrained with other settings: pretraining again")
+    fashion_dir = fetch_fashion_mnist(fashion_dir, quiet=not verbose)
     return output_dir, pretrain_backbone(output_dir, cfg, fashion_dir=fashion_dir, verbose=verbose,
                                          num_threads=num_threads)

@@ -2,7 +2,10 @@
 
 - Fashion-MNIST (70,000 28x28 grey images, 10 classes) from the gzip idx files that Debian's
   ``dataset-fashion-mnist`` package installs under ``/usr/share/datasets/fashion-mnist/``
-  (``apt-get install dataset-fashion-mnist``). With network access the same images are on the Hub
+  (``apt-get install dataset-fashion-mnist``). Without root, :func:`fetch_fashion_mnist` downloads
+  the same package with ``apt-get download`` and unpacks it into the project's cache
+  (``~/.cache/consolidator_hf/fashion-mnist``); the scripts call it when no copy is found. With
+  network access the same images are on the Hub
   as ``zalando-datasets/fashion_mnist``: :func:`export_fashion_mnist_idx` writes such a dataset
   (``consolidator_hf.data.load_image_dataset("zalando-datasets/fashion_mnist", "test")``) as idx
   files; point ``fashion_dir`` at any folder holding the four idx files.
@@ -13,14 +16,22 @@ Every image comes back as ``uint8`` numpy arrays, ``images (N, H, W)`` and ``lab
 
 from __future__ import annotations
 
+import glob
 import gzip
 import os
+import shutil
 import struct
+import subprocess
+import tempfile
 from typing import Optional, Tuple
 
 import numpy as np
 
+from consolidator_hf.io import cache_dir, write_folder
+
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"  # the Debian package holding the idx files
+_PACKAGE_FOLDER = "usr/share/datasets/fashion-mnist"  # where the idx files lie inside that package
 FASHION_MNIST_ENV = "CONSOLIDATOR_FASHION_MNIST_DIR"
 FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -91,9 +102,78 @@ def export_fashion_mnist_idx(dataset, fashion_dir: str, split: str) -> Tuple[str
     return paths  # type: ignore[return-value]
 
 
+def fashion_mnist_cache_dir() -> str:
+    """Where :func:`fetch_fashion_mnist` unpacks the idx files: the project cache's ``fashion-mnist``."""
+    return cache_dir("fashion-mnist")
+
+
+def _has_idx_files(folder: str) -> bool:
+    return all(os.path.isfile(os.path.join(folder, name))
+               for names in FASHION_MNIST_FILES.values() for name in names)
+
+
 def fashion_mnist_dir(fashion_dir: Optional[str] = None) -> str:
-    """``fashion_dir``, else ``$CONSOLIDATOR_FASHION_MNIST_DIR``, else the Debian package's folder."""
-    return fashion_dir or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR
+    """``fashion_dir``, else ``$CONSOLIDATOR_FASHION_MNIST_DIR``, else the Debian package's folder
+    when it holds the files, else the cache folder :func:`fetch_fashion_mnist` fills."""
+    explicit = fashion_dir or os.environ.get(FASHION_MNIST_ENV)
+    if explicit:
+        return explicit
+    if _has_idx_files(FASHION_MNIST_DIR) or not _has_idx_files(fashion_mnist_cache_dir()):
+        return FASHION_MNIST_DIR
+    return fashion_mnist_cache_dir()
+
+
+def fetch_fashion_mnist(fashion_dir: Optional[str] = None, *, quiet: bool = False) -> str:
+    """Make sure the Fashion-MNIST idx files exist and return their folder.
+
+    An explicit ``fashion_dir`` (or ``$CONSOLIDATOR_FASHION_MNIST_DIR``) is returned as given: it
+    is the user's folder, not ours to fill. Nothing is done either when the Debian folder or the
+    cache already holds the four files. Otherwise the Debian package ``dataset-fashion-mnist`` is
+    downloaded with ``apt-get download`` (needs no root, only a Debian/Ubuntu package index) and
+    unpacked with ``dpkg-deb -x``; its four idx files are checked (readable, images ``(N, 28, 28)``
+    uint8 beside ``N`` labels in 0..9) and the cache folder is written all-or-nothing.
+    """
+    explicit = fashion_dir or os.environ.get(FASHION_MNIST_ENV)
+    if explicit:
+        return explicit  # the user's folder: read as given (the loader names a missing file)
+    folder = fashion_mnist_dir()
+    if _has_idx_files(folder):
+        return folder
+    missing = [tool for tool in ("apt-get", "dpkg-deb") if shutil.which(tool) is None]
+    if missing:
+        raise FileNotFoundError(
+            f"Fashion-MNIST is not installed and {' and '.join(missing)} (Debian's package tools) "
+            f"{'is' if len(missing) == 1 else 'are'} not on PATH to fetch it; pass --fashion-dir / set "
+            f"${FASHION_MNIST_ENV} to a folder holding the idx files (see export_fashion_mnist_idx)")
+    target = fashion_mnist_cache_dir()
+    if not quiet:
+        print(f"Fashion-MNIST not found; fetching the Debian package {FASHION_MNIST_PACKAGE} "
+              f"into {target}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="fashion-mnist-") as tmp:
+        done = subprocess.run(["apt-get", "download", FASHION_MNIST_PACKAGE], cwd=tmp,
+                              capture_output=True, text=True)
+        debs = glob.glob(os.path.join(tmp, "*.deb"))
+        if done.returncode != 0 or len(debs) != 1:
+            raise RuntimeError(
+                f"`apt-get download {FASHION_MNIST_PACKAGE}` failed (exit {done.returncode}): "
+                f"{(done.stderr or done.stdout).strip()[-500:]}. With root, `apt-get update && apt-get "
+                f"install {FASHION_MNIST_PACKAGE}` installs it; or pass --fashion-dir")
+        unpacked = os.path.join(tmp, "unpacked")
+        subprocess.run(["dpkg-deb", "-x", debs[0], unpacked], check=True, capture_output=True)
+        source = os.path.join(unpacked, _PACKAGE_FOLDER)
+        if not _has_idx_files(source):
+            raise RuntimeError(f"{os.path.basename(debs[0])}: holds no Fashion-MNIST idx files "
+                               f"under /{_PACKAGE_FOLDER}")
+        with write_folder(target, check=_check_idx_folder) as stage:
+            for names in FASHION_MNIST_FILES.values():
+                for name in names:
+                    shutil.copyfile(os.path.join(source, name), os.path.join(stage, name))
+    return target
+
+
+def _check_idx_folder(folder: str) -> None:
+    for split in FASHION_MNIST_FILES:
+        load_fashion_mnist(split, folder)
 
 
 def load_fashion_mnist(split: str, fashion_dir: Optional[str] = None) -> Tuple[np.ndarray, np.ndarray]:
@@ -105,8 +185,9 @@ def load_fashion_mnist(split: str, fashion_dir: Optional[str] = None) -> Tuple[n
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
         raise FileNotFoundError(
-            f"Fashion-MNIST idx file(s) not found: {', '.join(missing)}. Install them with "
-            f"`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass fashion_dir / set "
+            f"Fashion-MNIST idx file(s) not found: {', '.join(missing)}. Fetch them with "
+            f"`python -c 'from consolidator_apps.mini_vtab import fetch_fashion_mnist; "
+            f"fetch_fashion_mnist()'` or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass fashion_dir / set "
             f"${FASHION_MNIST_ENV} to a folder holding {', '.join(FASHION_MNIST_FILES[split])} "
             f"(with network access: the Hub dataset zalando-datasets/fashion_mnist, read with "
             f"consolidator_hf.data.load_image_dataset).")
@@ -114,6 +195,8 @@ def load_fashion_mnist(split: str, fashion_dir: Optional[str] = None) -> Tuple[n
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{paths[0]} / {paths[1]}: expected images (N, H, W) and labels (N,), "
                          f"got {images.shape} and {labels.shape}")
+    if images.shape[1:] != (28, 28):
+        raise ValueError(f"{paths[0]}: expected 28x28 images, got {images.shape[1:]}")
     if images.dtype != np.uint8 or labels.dtype != np.uint8 or labels.max(initial=0) > 9:
         raise ValueError(f"{paths[0]} / {paths[1]}: expected uint8 images and labels in 0..9")
     return images, labels.astype(np.int64)
