@@ -52,9 +52,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any, Dict, List, Optional
+
+from consolidator_apps import speed
+from consolidator_apps.speed import (
+    MODEL_SIZES, RssPeak, build_base, build_train_model, consolidator_config, current_rss,
+    layer_op_counts, layer_overhead_us, median_time, release_free_memory, saved_activation_bytes,
+    sync)
 
 TRAIN_CONFIGS = ["floor", "consolidator_fast", "consolidator_reference", "full_ft", "lora_r8_qv"]
 # --compile adds these: the same models under torch.compile (default inductor), compiled in the
@@ -62,135 +67,9 @@ TRAIN_CONFIGS = ["floor", "consolidator_fast", "consolidator_reference", "full_f
 COMPILED_CONFIGS = ["floor_compiled", "consolidator_fast_compiled", "lora_r8_qv_compiled"]
 COMPILED = "_compiled"
 
-MODEL_SIZES: Dict[str, Dict[str, int]] = {
-    "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                 intermediate_size=3072, image_size=224, patch_size=16),
-    "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6,
-                  intermediate_size=1536, image_size=224, patch_size=16),
-    "tiny": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                 intermediate_size=64, image_size=32, patch_size=8),
-}
-NUM_LABELS = 100
 # glibc: serve allocations up to 32 MiB (the largest threshold glibc accepts; a ViT-B/16 batch of
 # 8 has no larger activation) from the heap and never hand freed memory back (see above).
 TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 25), "MALLOC_TRIM_THRESHOLD_": str(1 << 36)}
-
-
-# ---------------------------------------------------------------------- models
-def build_base(size: str):
-    import torch
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    return ViTForImageClassification(ViTConfig(**MODEL_SIZES[size], num_labels=NUM_LABELS))
-
-
-def consolidator_config(size: str, impl: str = "fast"):
-    from consolidator_hf import ConsolidatorConfig
-
-    # Blocks of 2 channels, the paper's ViT-B/16 ratio (groups=384 at hidden size 768).
-    return ConsolidatorConfig(groups=(MODEL_SIZES[size]["hidden_size"] // 2,), drop_rate=0.1,
-                              impl=impl)
-
-
-def build_train_model(name: str, size: str):
-    """The model of one training configuration, its trainable parameters set."""
-    from consolidator_hf import get_consolidator_model
-
-    base = build_base(size)
-    if name in ("consolidator_fast", "consolidator_reference"):
-        return get_consolidator_model(base, consolidator_config(size, name.split("_")[1]))
-    if name == "floor":
-        # Exactly what Consolidator trains besides its branches, read off a wrapped copy.
-        probe = get_consolidator_model(build_base(size), consolidator_config(size))
-        wanted = {n for n, _ in probe.trained_base_parameters()}
-        for n, p in base.named_parameters():
-            p.requires_grad_(n in wanted)
-        return base
-    if name == "full_ft":
-        return base
-    if name == "lora_r8_qv":
-        from peft import LoraConfig, get_peft_model
-
-        from consolidator_hf.targets import head_module_name, lora_target_modules
-
-        cfg = LoraConfig(r=8, lora_alpha=16, target_modules=lora_target_modules(base),
-                         modules_to_save=[head_module_name(base)])
-        return get_peft_model(base, cfg)
-    raise ValueError(f"unknown configuration {name!r}")
-
-
-# ---------------------------------------------------------------------- memory
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def release_free_memory() -> None:
-    """Hand the heap's free memory back to the kernel (glibc ``malloc_trim``; a no-op elsewhere),
-    so that RSS counts live memory before the first step even with the tuned allocator."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class RssPeak:
-    """Peak RSS while active, sampled by a thread (torch ops release the GIL)."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval, self.peak = interval, 0
-        self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
-
-    def __enter__(self) -> "RssPeak":
-        self._stop.clear()
-        self.peak = max(self.peak, current_rss())
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss())
-            time.sleep(self.interval)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, current_rss())
-
-
-def saved_activation_bytes(model, x, y, params) -> int:
-    """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
-    import torch
-
-    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: Dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in skip:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(pixel_values=x, labels=y).loss
-    loss.backward()  # free the graph the same way a step does
-    for p in params:
-        p.grad = None
-    return sum(seen.values())
-
-
-def _sync(device) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 # ---------------------------------------------------------------------- workers
@@ -215,17 +94,17 @@ def train_worker(args: argparse.Namespace) -> None:
     size = MODEL_SIZES[args.model_size]["image_size"]
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
-    y = torch.randint(0, NUM_LABELS, (args.batch_size,), generator=g).to(device)
+    y = torch.randint(0, speed.NUM_LABELS, (args.batch_size,), generator=g).to(device)
 
     def step() -> Dict[str, float]:
-        _sync(device)
+        sync(device)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t, c = time.perf_counter(), time.process_time()
         loss = model(pixel_values=x, labels=y).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         # CPU time of the worker's threads as well as wall time: on a shared machine the
         # wall clock also counts time spent descheduled.
         return {"step_s": time.perf_counter() - t, "step_cpu_s": time.process_time() - c,
@@ -264,50 +143,6 @@ def train_worker(args: argparse.Namespace) -> None:
             return
 
 
-def median_time(fn, repeats: int, device) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def layer_overhead_us(device, repeats: int = 300, features: int = 64,
-                      rows: int = 32) -> Dict[str, float]:
-    """Median microseconds of forward + backward through ``LayerNorm -> linear`` at a size where
-    the arithmetic is negligible: a frozen ``nn.Linear`` with a trainable bias (what the floor
-    runs), and a ``ConsolidatorLinear`` (2-channel blocks, drop 0.1) per ``impl``, interleaved."""
-    import torch
-
-    from consolidator_hf import ConsolidatorLinear
-
-    norm = torch.nn.LayerNorm(features).to(device)
-    x = torch.randn(rows // 4, 4, features, device=device, requires_grad=True)
-    grad = torch.randn(rows // 4, 4, features, device=device)
-    layers = {"plain": torch.nn.Linear(features, features)}
-    for impl in ("fast", "reference"):
-        layers[impl] = ConsolidatorLinear(torch.nn.Linear(features, features), (features // 2,),
-                                          drop_rate=0.1, impl=impl).train()
-    for layer in layers.values():
-        layer.to(device)
-        for name, param in layer.named_parameters():
-            if name.endswith("weight") and "branches" not in name:
-                param.requires_grad_(False)
-    times: Dict[str, List[float]] = {k: [] for k in layers}
-    for r in range(repeats + 20):
-        for name, layer in layers.items():
-            _sync(device)
-            t = time.perf_counter()
-            layer(norm(x)).backward(grad)
-            _sync(device)
-            if r >= 20:  # warm-up
-                times[name].append(time.perf_counter() - t)
-    return {k: statistics.median(v) * 1e6 for k, v in times.items()}
-
-
 def inference_worker(args: argparse.Namespace) -> None:
     """Inference of plain / merged / unmerged models, merge time, adapter size: one JSON line."""
     import copy
@@ -334,10 +169,10 @@ def inference_worker(args: argparse.Namespace) -> None:
             names = list(models)
             names = names[r % len(names):] + names[:r % len(names)]
             for name in names:
-                _sync(device)
+                sync(device)
                 t = time.perf_counter()
                 models[name](pixel_values=x)
-                _sync(device)
+                sync(device)
                 times[name].append(time.perf_counter() - t)
         exact = (merged(pixel_values=x).logits - wrapped(pixel_values=x).logits).abs().max().item()
     # Merge time of the whole model: a fresh deep copy per repeat, merge_and_unload timed alone.
@@ -353,6 +188,7 @@ def inference_worker(args: argparse.Namespace) -> None:
     overhead = layer_overhead_us(device)
     _send({
         "layer_overhead_us": overhead,
+        "layer_op_counts": layer_op_counts(device),
         "adapted_layers": sum(1 for _ in wrapped.consolidator_layers()),
         "inference_s": {k: statistics.median(v) for k, v in times.items()},
         "inference_all_s": times,
@@ -502,12 +338,16 @@ def markdown_table(report: Dict[str, Any]) -> str:
     for k in ("plain", "merged", "unmerged"):
         lines.append(f"| {k} | {t[k]:.3f} | {t[k] / t['plain']:.3f} |")
     o = inf["layer_overhead_us"]
+    ops = inf.get("layer_op_counts", {})
     lines += ["", "| host time per adapted layer, fwd+bwd (64 features, 32 rows) | µs | × plain | "
-                  f"extra per step ({inf['adapted_layers']} layers), ms |",
-              "| --- | ---: | ---: | ---: |"]
+                  f"extra per step ({inf['adapted_layers']} layers), ms | aten ops fwd + bwd | × plain |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for k in ("plain", "fast", "reference"):
         extra = (o[k] - o["plain"]) * inf["adapted_layers"] / 1e3
-        lines.append(f"| {k} | {o[k]:.0f} | {o[k] / o['plain']:.2f} | {extra:.1f} |")
+        n = ops.get(k)
+        count = (f"{n['forward']:.0f} + {n['backward']:.0f} | {n['total'] / ops['plain']['total']:.2f}"
+                 if n else "- | -")
+        lines.append(f"| {k} | {o[k]:.0f} | {o[k] / o['plain']:.2f} | {extra:.1f} | {count} |")
     lines += ["", f"merge_and_unload of the whole model: {inf['merge_s']:.3f} s; "
                   f"adapter file: {inf['adapter_file_bytes']:,} bytes "
                   f"({inf['stored_params']:,} stored params); merged vs unmerged max |Δlogit| "

@@ -56,6 +56,13 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
     assert inf["adapted_layers"] == 2 * 6
     assert set(inf["layer_overhead_us"]) == {"plain", "fast", "reference"}
     assert all(v > 0 for v in inf["layer_overhead_us"].values())
+    ops = inf["layer_op_counts"]
+    assert set(ops) == {"plain", "fast", "reference"}
+    for n in ops.values():
+        assert n["total"] == n["forward"] + n["backward"] and n["forward"] >= 2  # LayerNorm + linear
+    # a frozen linear's step: one addmm forward, an mm for the input gradient and a bias sum at least
+    assert ops["plain"]["top"].get("addmm") == 1 and ops["plain"]["backward"] >= 2
+    assert ops["fast"]["total"] > ops["plain"]["total"]  # the branches' work is counted, not lost
     assert "| host time per adapted layer" in proc.stdout
     # The adapter file holds the stored parameters in fp32 plus a header.
     assert inf["stored_params"] * 4 < inf["adapter_file_bytes"] < inf["stored_params"] * 4 + 64_000
