@@ -165,9 +165,12 @@ def _run_unit(cfg: BenchmarkConfig, task: str, spec: MethodSpec,
     return selection, runs
 
 
-def _worker_init(threads: int) -> None:
+def _worker_init(threads: int, parent_pid: int) -> None:
     import torch
 
+    from ..workers import die_with_parent
+
+    die_with_parent(parent_pid)  # a killed benchmark takes its workers with it
     torch.set_num_threads(threads)
 
 
@@ -197,7 +200,7 @@ def run_benchmark(cfg: BenchmarkConfig, log: Callable[[str], None] = print, *,
         from concurrent.futures import ProcessPoolExecutor
 
         with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-                                 initializer=_worker_init, initargs=(threads_per_job,)) as pool:
+                                 initializer=_worker_init, initargs=(threads_per_job, os.getpid())) as pool:
             results = list(pool.map(_worker_unit, units))
     else:
         results = [_run_unit(c, t, m, log) for c, t, m in units]
