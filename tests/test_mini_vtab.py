@@ -469,7 +469,7 @@ def test_elpv_task_in_the_vtab_format(tmp_path):
         elpv_labels("elpv_colour", np.zeros(1))
 
 
-def test_real_backbone_quick_benchmark_end_to_end(tmp_path):
+def test_real_backbone_quick_benchmark_end_to_end(tmp_path, monkeypatch, capsys):
     """mini-VTAB's quick mode on the real DINOv2 backbone: its first 2 blocks at 28 px, the
     digits task, one-point grids, one epoch; then truncation keeps the converted weights."""
     pytest.importorskip("onnx", reason="onnx is a dev dependency: pip install -e \".[dev]\"")
@@ -480,11 +480,9 @@ def test_real_backbone_quick_benchmark_end_to_end(tmp_path):
     from transformers import ViTModel
 
     out, data = tmp_path / "out", tmp_path / "data"
-    env = dict(os.environ, CONSOLIDATOR_HF_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, os.path.join(os.path.dirname(__file__), "..", "scripts", "mini_vtab.py"),
-           "--real-backbone", "--quick", "--data-dir", str(data), "--output-dir", str(out),
-           "--threads", "1"]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    monkeypatch.setenv("CONSOLIDATOR_HF_CACHE", str(tmp_path / "cache"))
+    res = _mini_vtab(["--real-backbone", "--quick", "--data-dir", str(data), "--output-dir", str(out),
+                      "--threads", "1"], capsys)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["method"] for r in rows] == ["linear", "bitfit", "lora", "full", "consolidator-g192",
