@@ -192,6 +192,13 @@ def test_fetch_fashion_mnist_failures_name_the_cause_and_write_nothing(tmp_path,
     with pytest.raises(RuntimeError, match=r"holds no Fashion-MNIST idx files"):
         fetch_fashion_mnist(quiet=True)
     assert not (tmp_path / "cache" / "fashion-mnist").exists()
+    truncated = tmp_path / "third"
+    truncated.mkdir()
+    (truncated / "cut.deb").write_bytes(_fake_deb(truncated).read_bytes()[:300])
+    _fake_apt_get(truncated, monkeypatch, truncated / "cut.deb")
+    with pytest.raises(RuntimeError, match=r"dpkg-deb -x .*failed"):
+        fetch_fashion_mnist(quiet=True)
+    assert not (tmp_path / "cache" / "fashion-mnist").exists()
     monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
     with pytest.raises(FileNotFoundError, match=r"apt-get and dpkg-deb.*--fashion-dir"):
         fetch_fashion_mnist(quiet=True)

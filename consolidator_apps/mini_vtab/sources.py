@@ -159,7 +159,10 @@ def fetch_fashion_mnist(fashion_dir: Optional[str] = None, *, quiet: bool = Fals
                 f"{(done.stderr or done.stdout).strip()[-500:]}. With root, `apt-get update && apt-get "
                 f"install {FASHION_MNIST_PACKAGE}` installs it; or pass --fashion-dir")
         unpacked = os.path.join(tmp, "unpacked")
-        subprocess.run(["dpkg-deb", "-x", debs[0], unpacked], check=True, capture_output=True)
+        done = subprocess.run(["dpkg-deb", "-x", debs[0], unpacked], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"`dpkg-deb -x {os.path.basename(debs[0])}` failed (exit "
+                               f"{done.returncode}): {done.stderr.strip()[-500:]}")
         source = os.path.join(unpacked, _PACKAGE_FOLDER)
         if not _has_idx_files(source):
             raise RuntimeError(f"{os.path.basename(debs[0])}: holds no Fashion-MNIST idx files "
@@ -187,7 +190,8 @@ def load_fashion_mnist(split: str, fashion_dir: Optional[str] = None) -> Tuple[n
         raise FileNotFoundError(
             f"Fashion-MNIST idx file(s) not found: {', '.join(missing)}. Fetch them with "
             f"`python -c 'from consolidator_apps.mini_vtab import fetch_fashion_mnist; "
-            f"fetch_fashion_mnist()'` or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass fashion_dir / set "
+            f"fetch_fashion_mnist()'` or `apt-get install dataset-fashion-mnist` (Debian/Ubuntu), "
+            f"or pass fashion_dir / set "
             f"${FASHION_MNIST_ENV} to a folder holding {', '.join(FASHION_MNIST_FILES[split])} "
             f"(with network access: the Hub dataset zalando-datasets/fashion_mnist, read with "
             f"consolidator_hf.data.load_image_dataset).")
