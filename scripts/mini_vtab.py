@@ -39,6 +39,7 @@ from consolidator_apps.mini_vtab import (
 from consolidator_apps.mini_vtab.benchmark import (
     BenchmarkConfig,
     default_methods,
+    read_report,
     machine_description,
     quick_methods,
     run_benchmark,
@@ -65,6 +66,20 @@ def ensure_tasks(data_dir: str, names, seed: int, fashion_dir=None, test_size: i
         t0 = time.perf_counter()
         generate_task(name, data_dir, seed=seed, fashion_dir=fashion_dir, test_size=test_size)
         print(f"generated task {name} in {data_dir} ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+
+def machine_lines(runs, prior) -> list:
+    """Header lines for a report whose runs came from elsewhere too (``--extend``, or run
+    folders trained on another machine): which seeds ran where."""
+    where = {}
+    for r in runs:
+        where.setdefault(r.get("machine", "unknown (not recorded)"), []).append(r["seed"])
+    lines = [f"- extends `{prior.path}`: its selected points (no grid run here) and its "
+             f"{len(prior.runs)} final runs"] if prior else []
+    if len(where) > 1 or prior:
+        lines += [f"- {len(seeds)} final runs (seeds {', '.join(map(str, sorted(set(seeds))))}) ran on: {m}"
+                  for m, seeds in where.items()]
+    return lines
 
 
 def main(argv=None) -> None:
@@ -105,6 +120,10 @@ def main(argv=None) -> None:
     p.add_argument("--output-dir", default="outputs/mini-vtab")
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads (default: torch's; 1 helps on a CPU shared with other jobs)")
+    p.add_argument("--extend", default=None, metavar="REPORT_DIR",
+                   help="extend a report this script wrote (e.g. with more --seeds): its selected "
+                        "points replace the grid, its final runs are kept; the new report in "
+                        "--output-dir holds both, each run with the machine it ran on")
     p.add_argument("--jobs", type=int, default=1,
                    help="(task, method) units run at once in worker processes, one torch thread each "
                         "(2 on a 2-core machine is faster than one process with 2 threads)")
@@ -128,6 +147,7 @@ def main(argv=None) -> None:
         if args.output_dir == p.get_default("output_dir"):
             args.output_dir = "outputs/mini-vtab-dinov2" + ("-quick" if args.quick else "")
 
+    prior = read_report(args.extend) if args.extend else None  # a bad report fails before the slow work
     start = time.perf_counter()
     ensure_tasks(args.data_dir, tasks, args.task_seed, args.fashion_dir, test_size)
     if real:
@@ -172,7 +192,8 @@ def main(argv=None) -> None:
                         warmup_epochs=warmup, preprocess="processor", save_strategy="no",
                         logging_steps=50, use_cpu=True)
     cfg = BenchmarkConfig(backbone=backbone, data_dir=args.data_dir, output_dir=args.output_dir,
-                          tasks=tasks, methods=methods, seeds=seeds, train_kwargs=train_kwargs)
+                          tasks=tasks, methods=methods, seeds=seeds, train_kwargs=train_kwargs,
+                          prior=prior)
     n_grid = sum(len(m.grid()) for m in methods) * len(tasks)
     print(f"mini-VTAB: {len(tasks)} task(s) x {len(methods)} method(s): {n_grid} grid runs + "
           f"{len(tasks) * len(methods) * len(seeds)} final runs, {epochs:g} epochs each", flush=True)
@@ -191,6 +212,7 @@ def main(argv=None) -> None:
         f"## mini-VTAB results ({run_kind})\n",
         f"- command: `{command.strip()}`",
         f"- machine: {machine_description()}" + (f"; {args.jobs} worker processes" if args.jobs > 1 else ""),
+        *machine_lines(result["runs"], prior),
         f"- finished: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}, wall time {wall / 60:.1f} min "
         f"(task generation, backbone and every run)",
         f"- backbone: `{backbone}`"

@@ -243,3 +243,20 @@ def test_load_image_dataset_string_labels(tmp_path):
     with pytest.raises(ValueError, match=r"row 1 has label -1 outside \[0, 2\)"):
         load_image_dataset("parquet", "train", data_files={"train": str(tmp_path / "u.parquet")},
                            cache_dir=str(tmp_path / "cache"))
+
+
+def test_elpv_task_in_the_vtab_format(tmp_path):
+    pytest.importorskip("elpv_dataset", reason="elpv-dataset is a dev dependency: pip install -e \".[dev]\"")
+    from consolidator_apps.elpv import elpv_labels, write_elpv_task
+
+    assert elpv_labels("elpv_defect4", np.array([0, 1 / 3, 2 / 3, 1.0])).tolist() == [0, 1, 2, 3]
+    assert elpv_labels("elpv_defective", np.array([0, 1 / 3, 2 / 3, 1.0])).tolist() == [0, 0, 1, 1]
+    s = write_elpv_task(str(tmp_path), "elpv_defective", image_size=24, test_size=300)
+    assert s["sizes"] == {"train800": 800, "val200": 200, "test": 300, "train800val200": 1000}
+    assert sum(s["class_counts"]["train800"]) == 800 and s["num_classes"] == 2
+    lines = (tmp_path / "elpv_defective" / "test.txt").read_text().splitlines()
+    assert len(lines) == 300
+    with Image.open(tmp_path / "elpv_defective" / lines[0].split()[0]) as im:
+        assert im.size == (24, 24) and im.mode == "RGB"
+    with pytest.raises(ValueError, match="unknown ELPV task"):
+        elpv_labels("elpv_colour", np.zeros(1))

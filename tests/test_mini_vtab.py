@@ -458,22 +458,23 @@ def test_quick_benchmark_end_to_end(tmp_path, toy_backbone, capsys):
     assert [(r["method"], float(r["learning_rate"])) for r in rows3] == [("linear", 0.02), ("full", 0.002)]
     assert (out / "runs" / "digits" / "full" / "grid-lr0.002-wd0.0001-drop0" / "metrics.json").is_file()
 
-
-def test_elpv_task_in_the_vtab_format(tmp_path):
-    pytest.importorskip("elpv_dataset", reason="elpv-dataset is a dev dependency: pip install -e \".[dev]\"")
-    from consolidator_apps.elpv import elpv_labels, write_elpv_task
-
-    assert elpv_labels("elpv_defect4", np.array([0, 1 / 3, 2 / 3, 1.0])).tolist() == [0, 1, 2, 3]
-    assert elpv_labels("elpv_defective", np.array([0, 1 / 3, 2 / 3, 1.0])).tolist() == [0, 0, 1, 1]
-    s = write_elpv_task(str(tmp_path), "elpv_defective", image_size=24, test_size=300)
-    assert s["sizes"] == {"train800": 800, "val200": 200, "test": 300, "train800val200": 1000}
-    assert sum(s["class_counts"]["train800"]) == 800 and s["num_classes"] == 2
-    lines = (tmp_path / "elpv_defective" / "test.txt").read_text().splitlines()
-    assert len(lines) == 300
-    with Image.open(tmp_path / "elpv_defective" / lines[0].split()[0]) as im:
-        assert im.size == (24, 24) and im.mode == "RGB"
-    with pytest.raises(ValueError, match="unknown ELPV task"):
-        elpv_labels("elpv_colour", np.zeros(1))
+    # --extend: a second seed on top of that report; its selection replaces the grid, its runs are kept
+    out2 = tmp_path / "out2"
+    res4 = _mini_vtab(cmd[:-1] + ["2", "--methods", "linear", "full", "--peft-learning-rates", "0.02",
+                                  "--full-learning-rates", "0.002", "--seeds", "0", "1",
+                                  "--extend", str(out), "--output-dir", str(out2)], capsys)
+    assert res4.returncode == 0, res4.stderr[-3000:]
+    assert res4.stdout.count(": acc ") == 2 and "seed 1 " in res4.stdout  # only the two new runs
+    assert not any(p.name.startswith("grid-") for p in (out2 / "runs").glob("*/*/*"))
+    rows4 = list(csv.DictReader(open(out2 / "results.csv")))
+    assert [(r["method"], r["seed"]) for r in rows4] == [("linear", "0"), ("linear", "1"),
+                                                         ("full", "0"), ("full", "1")]
+    for r in rows4:
+        if r["seed"] == "0":  # the stored run, as it was
+            assert {k: r[k] for k in rows3[0]} == next(x for x in rows3 if x["method"] == r["method"])
+        assert r["machine"] and "unknown" not in r["machine"]
+    md4 = (out2 / "results.md").read_text()
+    assert f"- extends `{out}`" in md4 and "4 final runs (seeds 0, 1) ran on: " in md4
 
 
 def test_real_backbone_quick_benchmark_end_to_end(tmp_path, monkeypatch, capsys):

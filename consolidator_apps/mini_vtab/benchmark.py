@@ -91,6 +91,69 @@ class BenchmarkConfig:
     methods: Sequence[MethodSpec]
     seeds: Sequence[int] = (0, 1, 2)
     train_kwargs: Dict[str, Any] = field(default_factory=dict)
+    # a previous report's outcome (``read_report``): its selected points replace the grid, its
+    # final runs replace training those seeds again (to extend a report with more seeds)
+    prior: Optional["PriorReport"] = None
+
+
+@dataclass(frozen=True)
+class PriorReport:
+    """What a written report holds: ``selection`` keyed by (task, method label), ``runs`` keyed
+    by (task, method label, seed), and where it came from."""
+
+    path: str
+    selection: Dict[Tuple[str, str], Dict[str, Any]]
+    runs: Dict[Tuple[str, str, int], Dict[str, Any]]
+
+
+_INT_FIELDS = {"seed", "grid_size", "trainable_params", "stored_params", "base_params"}
+_FLOAT_FIELDS = {"learning_rate", "weight_decay", "drop_rate", "val_accuracy", "test_accuracy",
+                 "train_runtime_s"}
+
+
+def _read_csv(path: str) -> List[Dict[str, Any]]:
+    """Rows of a ``write_report`` CSV with their types back; a malformed cell names file and line."""
+    rows = []
+    with open(path, encoding="utf-8", newline="") as f:
+        for line, raw in enumerate(csv.DictReader(f), start=2):
+            row: Dict[str, Any] = {}
+            for key, value in raw.items():
+                try:
+                    if key in _INT_FIELDS:
+                        row[key] = int(value) if value not in ("", None) else None
+                    elif key in _FLOAT_FIELDS:
+                        row[key] = float(value)
+                    elif key == "val_accuracies":
+                        row[key] = [float(v) for v in json.loads(value)]
+                    else:
+                        row[key] = value
+                except (TypeError, ValueError) as e:
+                    raise ValueError(f"{path}, line {line}: column {key!r}: {value!r} is not valid ({e})") from None
+            rows.append(row)
+    return rows
+
+
+def read_report(report_dir: str) -> PriorReport:
+    """Read ``selection.csv`` and ``results.csv`` of a report written by :func:`write_report`."""
+    paths = [os.path.join(report_dir, n) for n in ("selection.csv", "results.csv")]
+    for path in paths:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: no such file (a folder written by mini_vtab.py is expected)")
+    selection = {(r["task"], r["method"]): r for r in _read_csv(paths[0])}
+    # reports from before the per-run machine column name it once, in results.md's header
+    machine = "unknown (not recorded)"
+    md = os.path.join(report_dir, "results.md")
+    if os.path.isfile(md):
+        with open(md, encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("- machine: "):
+                    machine = line[len("- machine: "):].strip()
+                    break
+    runs = {}
+    for r in _read_csv(paths[1]):
+        r.setdefault("machine", machine)
+        runs[(r["task"], r["method"], r["seed"])] = r
+    return PriorReport(report_dir, selection, runs)
 
 
 def _run_dir(cfg: BenchmarkConfig, task: str, label: str, name: str) -> str:
@@ -128,10 +191,18 @@ def _finetune(cfg: BenchmarkConfig, task: str, spec: MethodSpec, point: Dict[str
         stored = dict(previous.get("config") or {})
         stored["output_dir"] = wanted["output_dir"]
         if stored == wanted:
+            try:
+                with open(os.path.join(out, "machine.txt"), encoding="utf-8") as f:
+                    previous["machine"] = f.read().strip()
+            except OSError:  # a run from before this file existed, or killed before writing it
+                previous["machine"] = "unknown (not recorded)"
             return previous
         log(f"  {out}: settings changed since the stored run, training again")
     t0 = time.perf_counter()
     metrics = run_finetune(ft)
+    # where it ran (the same seed gives different numbers on different CPUs): kept beside the run
+    metrics["machine"] = machine_description()
+    atomic_write_text(os.path.join(out, "machine.txt"), metrics["machine"] + "\n")
     log(f"  {task:20s} {spec.label:18s} {train_split}->{eval_split} seed {seed} "
         f"lr {point['learning_rate']:g} wd {point['weight_decay']:g}"
         + (f" drop {point['drop_rate']:g}" if spec.method == "consolidator" else "")
@@ -143,25 +214,38 @@ def _run_unit(cfg: BenchmarkConfig, task: str, spec: MethodSpec,
               log: Callable[[str], None] = print) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     """The protocol for one (task, method): grid on val200, then one test run per seed."""
     info = get_task(task)
-    # 1-2: the grid on train800 -> val200, first seed
-    scores = []
-    for i, point in enumerate(spec.grid()):
-        m = _finetune(cfg, task, spec, point, seed=cfg.seeds[0], train_split="train800",
-                      eval_split="val200", out=_run_dir(cfg, task, spec.label, _point_name(point)), log=log)
-        scores.append(m["accuracy"])
-    best = max(range(len(scores)), key=lambda i: (scores[i], -i))
-    point = spec.grid()[best]
-    selection = {"task": task, "method": spec.label, **point, "val_accuracy": scores[best],
-                 "grid_size": len(scores), "val_accuracies": scores}
+    prior = cfg.prior
+    if prior is not None and (task, spec.label) in prior.selection:
+        selection = prior.selection[(task, spec.label)]
+        point = {k: selection[k] for k in ("learning_rate", "weight_decay", "drop_rate")}
+        if point not in spec.grid():
+            raise ValueError(f"{prior.path}/selection.csv: {task} / {spec.label} chose {point}, which is "
+                             f"not a point of this run's grid {spec.grid()} (different settings?)")
+    else:
+        # 1-2: the grid on train800 -> val200, first seed
+        scores = []
+        for i, point in enumerate(spec.grid()):
+            m = _finetune(cfg, task, spec, point, seed=cfg.seeds[0], train_split="train800",
+                          eval_split="val200", out=_run_dir(cfg, task, spec.label, _point_name(point)), log=log)
+            scores.append(m["accuracy"])
+        best = max(range(len(scores)), key=lambda i: (scores[i], -i))
+        point = spec.grid()[best]
+        selection = {"task": task, "method": spec.label, **point, "val_accuracy": scores[best],
+                     "grid_size": len(scores), "val_accuracies": scores}
     # 3: retrain on train800val200 per seed, test once
     runs = []
     for seed in cfg.seeds:
+        stored = prior.runs.get((task, spec.label, seed)) if prior is not None else None
+        if stored is not None:
+            runs.append(dict(stored))
+            continue
         m = _finetune(cfg, task, spec, point, seed=seed, train_split="train800val200",
                       eval_split="test", out=_run_dir(cfg, task, spec.label, f"final-seed{seed}"), log=log)
         runs.append({"task": task, "group": info.group, "method": spec.label, "seed": seed,
-                     **point, "val_accuracy": scores[best], "test_accuracy": m["accuracy"],
+                     **point, "val_accuracy": selection["val_accuracy"], "test_accuracy": m["accuracy"],
                      "trainable_params": m["trainable_params"], "stored_params": m["stored_params"],
-                     "base_params": m.get("base_params"), "train_runtime_s": m["train_runtime_s"]})
+                     "base_params": m.get("base_params"), "train_runtime_s": m["train_runtime_s"],
+                     "machine": m["machine"]})
     return selection, runs
 
 
