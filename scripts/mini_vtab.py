@@ -38,10 +38,11 @@ from consolidator_apps.mini_vtab import (
 )
 from consolidator_apps.mini_vtab.benchmark import (
     BenchmarkConfig,
+    UNKNOWN_MACHINE,
     default_methods,
-    read_report,
     machine_description,
     quick_methods,
+    read_report,
     run_benchmark,
     write_report,
 )
@@ -73,7 +74,7 @@ def machine_lines(runs, prior) -> list:
     folders trained on another machine): which seeds ran where."""
     where = {}
     for r in runs:
-        where.setdefault(r.get("machine", "unknown (not recorded)"), []).append(r["seed"])
+        where.setdefault(r.get("machine", UNKNOWN_MACHINE), []).append(r["seed"])
     lines = [f"- extends `{prior.path}`: its selected points (no grid run here) and its "
              f"{len(prior.runs)} final runs"] if prior else []
     if len(where) > 1 or prior:

@@ -106,6 +106,8 @@ class PriorReport:
     runs: Dict[Tuple[str, str, int], Dict[str, Any]]
 
 
+UNKNOWN_MACHINE = "unknown (not recorded)"  # a run from before machines were recorded
+
 _INT_FIELDS = {"seed", "grid_size", "trainable_params", "stored_params", "base_params"}
 _FLOAT_FIELDS = {"learning_rate", "weight_decay", "drop_rate", "val_accuracy", "test_accuracy",
                  "train_runtime_s"}
@@ -141,7 +143,7 @@ def read_report(report_dir: str) -> PriorReport:
             raise FileNotFoundError(f"{path}: no such file (a folder written by mini_vtab.py is expected)")
     selection = {(r["task"], r["method"]): r for r in _read_csv(paths[0])}
     # reports from before the per-run machine column name it once, in results.md's header
-    machine = "unknown (not recorded)"
+    machine = UNKNOWN_MACHINE
     md = os.path.join(report_dir, "results.md")
     if os.path.isfile(md):
         with open(md, encoding="utf-8") as f:
@@ -195,7 +197,7 @@ def _finetune(cfg: BenchmarkConfig, task: str, spec: MethodSpec, point: Dict[str
                 with open(os.path.join(out, "machine.txt"), encoding="utf-8") as f:
                     previous["machine"] = f.read().strip()
             except OSError:  # a run from before this file existed, or killed before writing it
-                previous["machine"] = "unknown (not recorded)"
+                previous["machine"] = UNKNOWN_MACHINE
             return previous
         log(f"  {out}: settings changed since the stored run, training again")
     t0 = time.perf_counter()
