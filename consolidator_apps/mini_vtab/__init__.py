@@ -14,7 +14,16 @@ from .backbone import (
     pretrain_backbone,
     read_pretrain_info,
 )
-from .benchmark import BenchmarkConfig, MethodSpec, default_methods, run_benchmark, summarize, write_report
+from .benchmark import (
+    BenchmarkConfig,
+    MethodSpec,
+    PriorReport,
+    default_methods,
+    read_report,
+    run_benchmark,
+    summarize,
+    write_report,
+)
 from .sources import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_DIR,
@@ -42,6 +51,7 @@ __all__ = [
     "MethodSpec",
     "MiniTask",
     "PretrainConfig",
+    "PriorReport",
     "TASKS",
     "default_backbone_dir",
     "default_methods",
@@ -57,6 +67,7 @@ __all__ = [
     "pretrain_backbone",
     "read_idx",
     "read_pretrain_info",
+    "read_report",
     "run_benchmark",
     "summarize",
     "task_names",
