@@ -4,6 +4,8 @@ Grouped multi-branch connections beside frozen linear layers, trained with a tin
 parameter budget, then merged exactly back into the linear weights.
 """
 
+from typing import Any, Callable, Dict
+
 from torch import nn
 
 from .config import CONFIG_NAME, WEIGHTS_NAME, ConsolidatorConfig
@@ -39,12 +41,21 @@ _LAZY = {"load_vtab1k": "data", "load_image_dataset": "data", "make_transform": 
          "OnnxBackboneError": "dinov2_onnx"}
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
+def _lazy_getattr(package: str, table: Dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) that imports ``table[name]``'s submodule of ``package``
+    on first use, so that names needing an optional extra import nothing until asked for."""
 
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    def __getattr__(name: str) -> Any:
+        if name in table:
+            import importlib
+
+            return getattr(importlib.import_module(f".{table[name]}", package), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
+
+    return __getattr__
+
+
+__getattr__ = _lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [

@@ -9,6 +9,7 @@ and the standard artifacts (adapter, merged model, model card, ``metrics.json``)
 - :mod:`.run`: :func:`run_finetune`, the run-folder layout, :func:`push_training_run`.
 """
 
+from .. import _lazy_getattr
 from .checks import check_model_source, clamp_warmup, existing_run, prepare_output_dir
 from .config import METHODS, PREPROCESS, RECIPES, SAVE_STRATEGIES, FinetuneConfig, apply_recipe
 
@@ -25,12 +26,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = _lazy_getattr(__name__, _LAZY)
 
 
 __all__ = [
