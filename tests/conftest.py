@@ -18,25 +18,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
-def _progress_bars_lock_only_within_a_process() -> None:
+def _process_local_progress_locks(in_forked_child: bool = False) -> None:
     # The kill tests fork writers (and whole Trainer runs) from this process and SIGKILL them.
     # tqdm's default write lock includes a multiprocessing RLock, a semaphore shared across
     # fork: a child killed while drawing a progress bar leaves it held, and this process's next
     # bar waits forever (a CI run hung at 407 of 409 tests). Every tqdm subclass that drew a bar
-    # (tqdm.auto's, huggingface_hub's, ...) owns its own lock object, so replacing the base
-    # class's lock is not enough: without the process-shared part no lock can cross a fork.
-    from tqdm.std import TqdmDefaultWriteLock
-
-    TqdmDefaultWriteLock.mp_lock = None
-
-
-def _fresh_progress_locks_in_forked_children() -> None:
-    # The thread lock is copied at fork too; another thread (tqdm's monitor) may hold it then.
+    # (tqdm.auto's, huggingface_hub's, ...) owns its own lock object, so each one is replaced
+    # by a lock without the process-shared part. In a forked child the thread lock is renewed
+    # too: it was copied at fork, possibly held by another thread (tqdm's monitor).
     import threading
 
     from tqdm.std import TqdmDefaultWriteLock, tqdm
 
-    TqdmDefaultWriteLock.th_lock = threading.RLock()
+    TqdmDefaultWriteLock.mp_lock = None
+    if in_forked_child:
+        TqdmDefaultWriteLock.th_lock = threading.RLock()
     pending = [tqdm]
     while pending:
         cls = pending.pop()
@@ -45,8 +41,8 @@ def _fresh_progress_locks_in_forked_children() -> None:
             cls._lock = TqdmDefaultWriteLock()
 
 
-_progress_bars_lock_only_within_a_process()
-os.register_at_fork(after_in_child=_fresh_progress_locks_in_forked_children)
+_process_local_progress_locks()
+os.register_at_fork(after_in_child=lambda: _process_local_progress_locks(in_forked_child=True))
 
 
 @pytest.fixture(autouse=True)

@@ -1,5 +1,6 @@
 """The kill tests fork children from the test process and SIGKILL them mid-work: nothing a
 killed child held may block this process afterwards (tests/conftest.py)."""
+import io
 import os
 import signal
 import threading
@@ -13,7 +14,7 @@ def _draw_a_bar_in_a_thread(bar_cls) -> bool:
     done = threading.Event()
 
     def draw():
-        for _ in bar_cls(range(3), disable=False, file=open(os.devnull, "w")):
+        for _ in bar_cls(range(3), disable=False, file=io.StringIO()):
             pass
         done.set()
 
