@@ -132,7 +132,7 @@ def load_in_fresh_process(tmp_path, folders, x):
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "jobs.json")], check=True,
-                   env=env, cwd=tmp_path)
+                   env=env, cwd=tmp_path, timeout=300)
     return torch.load(tmp_path / "y.pt", weights_only=True)
 
 
@@ -308,7 +308,7 @@ def test_cli_reports_errors_and_writes_nothing(tmp_path):
     path, _ = corrupt(tmp_path, "missing")
     out = tmp_path / "out"
     r = subprocess.run([sys.executable, SCRIPT, "--checkpoint", path, "--output", str(out)],
-                       capture_output=True, text=True)
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "missing keys" in r.stderr and "blocks.1.norm2.weight" in r.stderr
     assert nothing_written(tmp_path, out)
 

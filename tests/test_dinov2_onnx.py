@@ -152,7 +152,7 @@ torch.save({{'h': h, 'logits': hc.logits, 'h_cls': h_cls}},
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path,
-                   capture_output=True)
+                   capture_output=True, timeout=300)
     y = torch.load(tmp_path / "y.pt", weights_only=True)
     assert np.abs(y["h"].numpy() - expect).max() <= 1e-6
     assert np.abs(y["h_cls"].numpy() - expect).max() <= 1e-5  # backbone inside the classifier

@@ -172,7 +172,7 @@ with torch.no_grad():
     torch.save(m(x).logits, {str(tmp_path / 'y.pt')!r})
 """
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path)
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=300)
     y2 = torch.load(tmp_path / "y.pt", weights_only=True)
     assert (y2 - y).abs().max() <= 1e-5
 
