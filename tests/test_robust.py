@@ -294,6 +294,28 @@ def test_bad_images_are_reported_at_load_with_their_path(tmp_path, kind):
         _load(task)
 
 
+def test_images_checked_once_per_process_until_the_file_changes(tmp_path, monkeypatch):
+    """A task loaded again (a sweep, mini-VTAB) does not reopen images that passed, but a file
+    rewritten since (same name, other bytes) is checked again and fails."""
+    from consolidator_hf.data import loaders
+
+    task = _task(tmp_path)
+    _load(task)
+    opened = []
+    real = loaders._check_image_file
+    monkeypatch.setattr(loaders, "_check_image_file",
+                        lambda path, *a: opened.append(path) or real(path, *a))
+    assert len(_load(task)) == 4 and opened == []
+    bad = task / "images" / "train800" / "000002.jpg"
+    data = bad.read_bytes()
+    bad.write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(ValueError, match=f"train800.txt:3: {bad} is truncated"):
+        _load(task)
+    assert opened == [str(bad)]
+    bad.write_bytes(data)  # restored: checked again, passes
+    assert len(_load(task)) == 4 and opened == [str(bad)] * 2
+
+
 def test_pixel_limit_and_decode_time_downscale(tmp_path):
     from PIL import Image
     from consolidator_hf.data import decode_image, make_transform

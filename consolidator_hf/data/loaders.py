@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import datasets
 
@@ -83,14 +83,39 @@ def _complete(path: str, fmt: Optional[str]) -> bool:
     return tail.rstrip(b"\x00\r\n\t ").endswith(b"\xff\xd9")
 
 
+#: Images that passed :func:`check_image` in this process, keyed by what ``os.stat`` says of the
+#: file: a run, a sweep or mini-VTAB loads the same task many times (each load checks all four
+#: list files), and opening every image again cost most of a short run's set-up.
+_CHECKED: Dict[Tuple[Any, ...], Tuple[int, int]] = {}
+_CHECKED_MAX = 1 << 20  # entries (~200 MB at most); cleared when full
+
+
 def check_image(path: str, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
                 where: str = "") -> Tuple[int, int]:
     """``(width, height)`` of an image file, read from its header only (cheap, no decode).
 
     ``ValueError`` naming ``where`` and the file for a file PIL cannot identify, a JPEG/PNG
     without its end marker (truncated), or more than ``max_pixels`` pixels (``None``: no limit;
-    PIL's own decompression-bomb limit still applies).
+    PIL's own decompression-bomb limit still applies). A file that passed before in this
+    process is not opened again while ``os.stat`` reports the same inode, size, modification
+    and change times (any rewrite, truncation or replacement checks it again).
     """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise ValueError(f"{where + ': ' if where else ''}{path} is not a readable image ({e})") from None
+    key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
+           st.st_ctime_ns, max_pixels)
+    size = _CHECKED.get(key)
+    if size is None:
+        size = _check_image_file(path, max_pixels, where)
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = size
+    return size
+
+
+def _check_image_file(path: str, max_pixels: Optional[int], where: str) -> Tuple[int, int]:
     from PIL import Image, UnidentifiedImageError
 
     where = f"{where}: " if where else ""
