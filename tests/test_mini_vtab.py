@@ -30,6 +30,7 @@ from consolidator_apps.mini_vtab import (
 from consolidator_apps.mini_vtab import sources
 from consolidator_apps.mini_vtab.sources import FASHION_MNIST_FILES as FASHION_FILES
 from consolidator_apps.mini_vtab.sources import export_fashion_mnist_idx, fetch_fashion_mnist, write_idx
+from fresh_python import run_fresh
 
 FASHION_TASKS = [n for n in task_names() if get_task(n).source == "fashion_mnist"]
 
@@ -334,9 +335,7 @@ def test_toy_pretraining_writes_a_loadable_backbone(toy_backbone, fake_fashion):
         "print(json.dumps({'logits': list(m(pixel_values=x).logits.shape), 'x': float(x.abs().max()),"
         " 'labels': m.config.id2label[0], 'mods': sorted(k for k in sys.modules if k.startswith('consolidator'))}))\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    res = subprocess.run([sys.executable, "-c", code, folder], capture_output=True, text=True,
-                         env=env, cwd=folder, timeout=300)
+    res = run_fresh(code, folder, cwd=folder)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["logits"] == [1, 10] and out["labels"] == "T-shirt/top" and out["mods"] == []

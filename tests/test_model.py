@@ -1,6 +1,5 @@
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -16,6 +15,7 @@ from consolidator_hf import (
 )
 from consolidator_hf.targets import TARGET_MODULES, default_target_modules, rename_4_to_5
 from tiny import perturb_trainables, pixels, tiny_deit, tiny_dinov2, tiny_vit
+from fresh_python import run_fresh
 
 
 def cfg(**kw):
@@ -171,8 +171,7 @@ x = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)
 with torch.no_grad():
     torch.save(m(x).logits, {str(tmp_path / 'y.pt')!r})
 """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=tmp_path, timeout=300)
+    run_fresh(script, cwd=tmp_path, check=True)
     y2 = torch.load(tmp_path / "y.pt", weights_only=True)
     assert (y2 - y).abs().max() <= 1e-5
 

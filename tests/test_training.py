@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,6 +19,7 @@ from consolidator_hf.training import (
     warmup_cosine_lambda,
 )
 from tiny_vtab import tiny_finetune_config, write_tiny_workdir
+from fresh_python import run_fresh
 
 
 def _cfg(tmp, name, **kw):
@@ -113,11 +113,9 @@ def test_merged_loads_without_the_library_and_matches_the_adapter(consolidator_r
     with torch.no_grad():
         expected = adapted.eval()(pixel_values=x).logits
     torch.save(x, tmp_path / "x.pt")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # a clean interpreter: the worktree is not importable, so consolidator_hf cannot sneak in
-    r = subprocess.run([sys.executable, "-c", _LOAD_MERGED, os.path.join(cfg.output_dir, "merged"),
-                        str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
-                       capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=120)
+    r = run_fresh(_LOAD_MERGED, os.path.join(cfg.output_dir, "merged"), str(tmp_path / "x.pt"),
+                  str(tmp_path / "y.pt"), cwd=tmp_path, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "ViTForImageClassification" in r.stdout
     got = torch.load(tmp_path / "y.pt", weights_only=True)
