@@ -4,7 +4,6 @@ checked against onnxruntime on the original graph. The 97 MB graph is read once 
 import importlib.util
 import json
 import os
-import sys
 import zipfile
 
 import numpy as np
