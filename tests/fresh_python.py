@@ -18,6 +18,7 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -95,6 +96,7 @@ def _stop() -> None:
     if _zygote is not None and _zygote.poll() is None:
         _zygote.stdin.close()
         _zygote.wait(timeout=30)
+    shutil.rmtree(_scratch, ignore_errors=True)
 
 
 atexit.register(_stop)
