@@ -100,10 +100,11 @@ def check_image(path: str, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
     process is not opened again while ``os.stat`` reports the same inode, size, modification
     and change times (any rewrite, truncation or replacement checks it again).
     """
+    where = f"{where}: " if where else ""
     try:
         st = os.stat(path)
     except OSError as e:
-        raise ValueError(f"{where + ': ' if where else ''}{path} is not a readable image ({e})") from None
+        raise ValueError(f"{where}{path} is not a readable image ({e})") from None
     key = (os.path.abspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns,
            st.st_ctime_ns, max_pixels)
     size = _CHECKED.get(key)
@@ -116,9 +117,9 @@ def check_image(path: str, *, max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
 
 
 def _check_image_file(path: str, max_pixels: Optional[int], where: str) -> Tuple[int, int]:
+    # where: the "list file:line: " prefix of every message, already formatted
     from PIL import Image, UnidentifiedImageError
 
-    where = f"{where}: " if where else ""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
