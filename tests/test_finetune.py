@@ -1,9 +1,12 @@
-"""scripts/finetune.py: YAML + flags and the offline default at a reduced size (the distributed
-launch of the script is in test_distributed.py)."""
+"""scripts/finetune.py: YAML + flags, the distributed CPU run, and the offline default at a
+reduced size."""
 
 import dataclasses
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import pytest
 from transformers import ViTForImageClassification, ViTModel
@@ -18,6 +21,8 @@ from consolidator_apps.offline_default import (
 from script_module import load_script
 from tiny_vtab import write_tiny_workdir
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "scripts", "finetune.py")
 
 
 def _script():
@@ -56,6 +61,33 @@ def test_cli_errors_name_the_problem(tiny):
         mod.main(["--config", str(tiny / "bad.yaml")])
     with pytest.raises(SystemExit, match="--task is required"):
         mod.main(["--method", "linear"])
+
+
+def test_two_cpu_processes_train_as_one_distributed_job(tiny):
+    accelerate = shutil.which("accelerate") or os.path.join(os.path.dirname(sys.executable),
+                                                            "accelerate")
+    out = tiny / "ddp"
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           SCRIPT, "--model", str(tiny / "backbone"), "--task", "tiny_task", "--data-dir",
+           str(tiny / "vtab"), "--num-classes", "3", "--groups", "8", "--batch-size", "4",
+           "--num-train-epochs", "1", "--save-strategy", "steps", "--save-steps", "2",
+           "--logging-steps", "1", "--output-dir", str(out), "--use-cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    m = json.load(open(out / "metrics.json"))
+    assert m["world_size"] == 2 and m["num_processes"] == 2
+    assert m["parallel_mode"] == "distributed"
+    # 30 images over 2 ranks x batch 4 -> 4 steps (one epoch); each rank saw half the data
+    assert m["global_step"] == 4
+    log = r.stdout + r.stderr
+    assert log.count("] wrote ") == 1 and "[rank 0] wrote" in log  # one process writes
+    assert log.count("test top-1") == 1  # one summary per job, printed by rank 0
+    assert os.path.isfile(out / "merged" / "model.safetensors")
+    ckpt = out / "checkpoints" / "checkpoint-2"
+    assert "consolidator_model.safetensors" in os.listdir(ckpt)
+    assert "model.safetensors" not in os.listdir(ckpt)
 
 
 def test_offline_default_at_a_reduced_size(tmp_path, capsys):
