@@ -17,11 +17,10 @@ those rows only, about ``p`` of the batch), so the drop semantics hold per sampl
 branch (a dropped row is ``x W^T - s B_k P_k x`` rather than ``x W0^T``: equal up to fp32
 rounding) and the big GEMM is never split. Which samples dropped is host knowledge, not a read
 of a device tensor: the layer draws the masks on the host (:meth:`ConsolidatorLinear.draw_masks`)
-and hands :func:`fast_linear` their keep flags with the tensor (copied to the device without a
-synchronisation). Correcting every row by ``(m_k - s)`` instead (fixed shapes, what
-:func:`traceable_linear` does under ``torch.compile``) measured 1.49x the eager floor's step
-on ViT-B/16 (batch 8, 2 CPU threads) against 1.05x for these row runs (README, "Fast training
-path").
+and hands :func:`fast_linear` only their keep flags (host booleans); no mask tensor reaches the
+device. Correcting every row by ``(m_k - s)`` instead (fixed shapes, what the previous compiled
+path did) measured 1.49x the eager floor's step on ViT-B/16 (batch 8, 2 CPU threads) against
+1.05x for these row runs (README, "Fast training path").
 
 ``W`` differs from ``W0`` only on the union of the branches' supports (``out * in/g``
 entries per branch), so it is never built as a new dense matrix: the values ``W`` takes
@@ -48,10 +47,10 @@ rebuilds ``x`` exactly, so :class:`InputRebuild` keeps references to those tenso
 memory) and rebuilds ``x`` in backward. Other inputs are saved as they are (the attention
 output that o_proj reads is a view of a tensor the attention kernel saved anyway).
 
-Under ``torch.compile`` none of this eager machinery runs (it reads autograd nodes, data
-pointers and patches a weight in place): :func:`traceable_linear` writes the same formula as
-plain ops that dynamo captures in the model's graph; the compiler then derives the backward and
-decides what to keep.
+Under ``torch.compile`` the autograd Function cannot run (it reads autograd nodes and data
+pointers): :mod:`consolidator_hf.compiled_path` wraps the same functions (:func:`forward_rows`,
+:func:`input_grad`, :func:`bias_grads`, :func:`branch_weight_grad`) in two custom ops, so the
+compiled step computes exactly this design, and leaves rebuilding the input to the compiler.
 """
 
 from __future__ import annotations
@@ -201,7 +200,7 @@ class UnionState(NamedTuple):
     ``union``: flat indices of ``W0`` covered by any branch (a single branch's support in its
     own order, so its compact weight maps onto it without a gather); ``positions[k]``: where
     branch ``k``'s entries sit in ``union`` (``None`` when they are ``union`` itself);
-    ``original``: ``W0`` read on ``union`` in fp32; ``native``: the same in ``W0``'s dtype, to
+    ``original``: ``W0`` read on ``union`` in fp32 or wider; ``native``: the same in ``W0``'s dtype, to
     restore it bit for bit.
     """
 
@@ -224,17 +223,29 @@ class UnionCache:
     def get(self, w0: torch.Tensor, geometries: Sequence[Geometry]) -> UnionState:
         key = (w0.device, w0.dtype, w0.data_ptr(), w0._version)
         if self._state is None or self._key != key:
-            out_f, in_f = w0.shape
-            idxs = [grouped.support_index(in_f, out_f, **geom._asdict(), device=w0.device)
-                    .reshape(-1) for geom in geometries]
-            if len(idxs) == 1:
-                union, positions = idxs[0], [None]
-            else:
-                union = grouped.union_support(idxs)
-                positions = [torch.searchsorted(union, i) for i in idxs]
-            native = w0.detach().reshape(-1).index_select(0, union)
-            self._key, self._state = key, UnionState(union, positions, native.float(), native)
+            union, positions = union_index(tuple(w0.shape), tuple(geometries), w0.device)
+            self._key, self._state = key, union_state(w0, union, positions)
         return self._state
+
+
+def union_index(shape: Tuple[int, int], geometries: Tuple[Geometry, ...], device
+                ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
+    """``(union, positions)`` of :class:`UnionState` for a ``(out, in)`` weight."""
+    out_f, in_f = shape
+    idxs = [grouped.support_index(in_f, out_f, **geom._asdict(), device=device).reshape(-1)
+            for geom in geometries]
+    if len(idxs) == 1:
+        return idxs[0], [None]
+    union = grouped.union_support(idxs)
+    return union, [torch.searchsorted(union, i) for i in idxs]
+
+
+def union_state(w0: torch.Tensor, union: torch.Tensor,
+                positions: List[Optional[torch.Tensor]]) -> UnionState:
+    """:class:`UnionState` of ``W0`` as it is now (its entries on ``union`` read once)."""
+    native = w0.detach().reshape(-1).index_select(0, union)
+    return UnionState(union, positions, native.to(torch.promote_types(native.dtype, torch.float32)),
+                      native)
 
 
 # ------------------------------------------------------------------ the patched weight
@@ -287,7 +298,7 @@ Runs = Tuple[Tuple[int, int], ...]
 
 
 class _Spec(NamedTuple):
-    """What the Function needs besides tensors: the branches' geometries, the drop scale
+    """What the computation needs besides tensors: the branches' geometries, the drop scale
     ``s`` (``1/(1-p)`` with masks, else 1), and per branch the ``[start, stop)`` runs of
     samples that kept it and that dropped it (host data)."""
 
@@ -309,6 +320,105 @@ def sample_runs(flags: Sequence[bool]) -> Runs:
     return tuple(runs)
 
 
+def make_spec(geometries: Sequence[Geometry], keep: Optional[Sequence[Sequence[bool]]],
+              batch: int, drop_rate: float) -> _Spec:
+    """The :class:`_Spec` of a step: ``keep[k][n]`` the host keep flags (``None``: no drop, every
+    branch kept and unscaled)."""
+    n = len(geometries)
+    if keep is None:
+        return _Spec(tuple(geometries), 1.0, (((0, batch),),) * n, ((),) * n)
+    return _Spec(tuple(geometries), 1.0 / (1.0 - drop_rate),
+                 tuple(sample_runs(f) for f in keep),
+                 tuple(sample_runs([not v for v in f]) for f in keep))
+
+
+class _Step(NamedTuple):
+    """What backward needs of a forward besides saved tensors: the spec, where the branches sit
+    in ``W0``, the patched values, the compute dtype and the batch size."""
+
+    spec: _Spec
+    state: UnionState
+    patch: torch.Tensor
+    dtype: torch.dtype
+    batch: int
+
+
+def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Tensor,
+                 b0: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
+                 biases: Sequence[Optional[torch.Tensor]], dtype: torch.dtype
+                 ) -> Tuple[torch.Tensor, _Step]:
+    """``y = x W^T + b`` through the patched weight, then every dropped sample's branches taken
+    back out of its rows; ``xc`` is ``(batch, ..., in)`` in ``dtype``, contiguous."""
+    values, bias = _patch(state, b0, weights, biases, spec.scale, dtype)
+    with patched_weight(w0, state, values, dtype) as w:
+        y = F.linear(xc, w, bias)
+    for k, runs in enumerate(spec.dropped):
+        geom, w_k, c_k = spec.geometries[k], weights[k].detach().to(dtype), biases[k]
+        for a, b in runs:  # take branch k back out of the samples that dropped it
+            part = grouped.grouped_forward_blocks(_rows(xc[a:b]), w_k, **geom._asdict())
+            if c_k is not None:
+                part = part + c_k.detach().to(dtype)
+            _rows(y[a:b]).sub_(part, alpha=spec.scale)
+    return y, _Step(spec, state, values, dtype, xc.shape[0])
+
+
+def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor,
+               weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``g W`` through the patched weight, minus ``s (B_k P_k)^T g`` on the rows of the
+    samples that dropped branch ``k`` (the transpose of the forward's correction):
+    ``(rows, in)``."""
+    spec, dtype = step.spec, step.dtype
+    g2 = _rows(g)
+    tokens = g2.shape[0] // step.batch  # rows per sample
+    with patched_weight(w0, step.state, step.patch, dtype) as w:
+        grad_x = torch.mm(g2, w)
+    for k, runs in enumerate(spec.dropped):
+        w_k = weights[k].to(dtype)
+        for a, b in runs:
+            rows = slice(a * tokens, b * tokens)
+            part = grouped.grouped_input_grad(g2[rows], w_k, w0.shape[1],
+                                              **spec.geometries[k]._asdict())
+            grad_x[rows].sub_(part, alpha=spec.scale)
+    return grad_x
+
+
+def bias_grads(step: _Step, g: torch.Tensor) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """``(sum_n g, [s sum_n m_k[n] g[n] for each branch k])`` summed in fp32 (or wider): the
+    base bias sees every sample, a branch bias the samples that kept it (the total minus the
+    dropped samples' rows, from the host's runs: no mask tensor needed)."""
+    spec = step.spec
+    acc = torch.promote_types(g.dtype, torch.float32)
+    total = _rows(g).sum(0, dtype=acc)
+    if not any(spec.dropped):
+        return total, [total if spec.scale == 1.0 else total * spec.scale] * len(spec.dropped)
+    per_sample = g.reshape(step.batch, -1, g.shape[-1])
+    per_branch = []
+    for runs in spec.dropped:
+        kept = total
+        for a, b in runs:
+            kept = kept - per_sample[a:b].sum((0, 1), dtype=acc)
+        per_branch.append(kept * spec.scale)
+    return total, per_branch
+
+
+def branch_weight_grad(step: _Step, g2: torch.Tensor, x_rows, k: int, shape: torch.Size,
+                       in_features: int) -> torch.Tensor:
+    """Branch ``k``'s compact weight gradient over the rows of the samples that kept it,
+    times ``s`` (:func:`grouped.grouped_weight_grad`); ``x_rows`` the layer input as
+    ``(rows, in)`` or a ``(start, stop) -> rows`` function (:class:`InputRebuild`)."""
+    tokens = g2.shape[0] // step.batch
+    ranges = [(a * tokens, b * tokens) for a, b in step.spec.kept[k]]
+    if not ranges:
+        return torch.zeros(shape, dtype=torch.promote_types(g2.dtype, torch.float32),
+                           device=g2.device)
+    gw = grouped.grouped_weight_grad(g2, x_rows, **step.spec.geometries[k]._asdict(),
+                                     row_ranges=ranges, in_features=in_features)
+    if step.spec.scale != 1.0:
+        # a fresh tensor, scaled in place, in fp32 or wider
+        gw = gw.to(torch.promote_types(gw.dtype, torch.float32)).mul_(step.spec.scale)
+    return gw
+
+
 class _Needs(NamedTuple):
     """``ctx.needs_input_grad`` by name (the Function's tensor inputs)."""
 
@@ -324,8 +434,8 @@ class _Needs(NamedTuple):
         return self.w0 or any(self.weights)
 
 
-# Leading non-tensor inputs of _MergedBranchLinear.apply: spec, state, rebuild, masks.
-_N_META = 4
+# Leading non-tensor inputs of _MergedBranchLinear.apply: spec, state, rebuild.
+_N_META = 3
 
 
 def _needs(ctx, n_branches: int) -> _Needs:
@@ -339,33 +449,23 @@ class _MergedBranchLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, spec: _Spec, state: UnionState, rebuild: Optional[InputRebuild],
-                masks: Optional[torch.Tensor], x: torch.Tensor, w0: torch.Tensor,
-                b0: Optional[torch.Tensor], *branch_params: Optional[torch.Tensor]):
+                x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
+                *branch_params: Optional[torch.Tensor]):
         n = len(spec.geometries)
         weights, biases = branch_params[:n], branch_params[n:]
         dtype = _compute_dtype(x)
         with _autocast_off(x.device.type):
             xc = x.to(dtype).contiguous()
-            values, bias = _patch(state, b0, weights, biases, spec.scale, dtype)
-            with patched_weight(w0, state, values, dtype) as w:
-                y = F.linear(xc, w, bias)
-            for k, runs in enumerate(spec.dropped):
-                geom, w_k, c_k = spec.geometries[k], weights[k].detach().to(dtype), biases[k]
-                for a, b in runs:  # take branch k back out of the samples that dropped it
-                    part = grouped.grouped_forward_blocks(_rows(xc[a:b]), w_k, **geom._asdict())
-                    if c_k is not None:
-                        part = part + c_k.detach().to(dtype)
-                    _rows(y[a:b]).sub_(part, alpha=spec.scale)
+            y, step = forward_rows(spec, state, xc, w0, b0, weights, biases, dtype)
         needs = _needs(ctx, n)
         if not needs.x_rows and rebuild is not None:
             rebuild.release()
             rebuild = None
         # x itself is saved only when it is needed and cannot be rebuilt.
         saved_x = xc if needs.x_rows and rebuild is None else None
-        ctx.save_for_backward(saved_x, masks, w0, *weights,
+        ctx.save_for_backward(saved_x, w0, *weights,
                               *(rebuild.tensors if rebuild is not None else ()))
-        ctx.spec, ctx.state, ctx.dtype = spec, state, dtype
-        ctx.patch, ctx.rebuild = values, rebuild
+        ctx.step, ctx.rebuild = step, rebuild
         ctx.x_dtype, ctx.x_shape = x.dtype, x.shape
         ctx.grad_dtypes = (w0.dtype, b0.dtype if b0 is not None else None,
                            [w.dtype for w in weights],
@@ -374,9 +474,9 @@ class _MergedBranchLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        spec = ctx.spec
-        n = len(spec.geometries)
-        saved_x, masks, w0, *rest = ctx.saved_tensors
+        step = ctx.step
+        n = len(step.spec.geometries)
+        saved_x, w0, *rest = ctx.saved_tensors
         weights, rebuild_tensors = rest[:n], rest[n:]
         needs = _needs(ctx, n)
         w0_dtype, b0_dtype, weight_dtypes, bias_dtypes = ctx.grad_dtypes
@@ -384,21 +484,21 @@ class _MergedBranchLinear(torch.autograd.Function):
         grad_weights: List[Optional[torch.Tensor]] = [None] * n
         grad_biases: List[Optional[torch.Tensor]] = [None] * n
         with _autocast_off(grad_out.device.type):
-            g = grad_out.to(ctx.dtype).contiguous()
+            g = grad_out.to(step.dtype).contiguous()
             if needs.x:
-                grad_x = _input_grad(ctx, g, w0, weights).view(ctx.x_shape).to(ctx.x_dtype)
+                grad_x = input_grad(step, g, w0, weights).view(ctx.x_shape).to(ctx.x_dtype)
             if needs.b0 or any(needs.biases):
-                total, per_branch = _bias_grads(g, masks, ctx.x_shape[0], n)
+                total, per_branch = bias_grads(step, g)
                 if needs.b0:
                     grad_b0 = total.to(b0_dtype)
                 grad_biases = [per_branch[k].to(bias_dtypes[k]) if needs.biases[k] else None
                                for k in range(n)]
             if needs.x_rows:
-                x_rows = _rows(saved_x.to(ctx.dtype)) if ctx.rebuild is None else \
-                    ctx.rebuild.rows(rebuild_tensors, ctx.dtype)
+                x_rows = _rows(saved_x.to(step.dtype)) if ctx.rebuild is None else \
+                    ctx.rebuild.rows(rebuild_tensors, step.dtype)
                 grad_weights = [
-                    _branch_weight_grad(ctx, _rows(g), x_rows, k, weights[k].shape,
-                                        w0.shape[1]).to(weight_dtypes[k])
+                    branch_weight_grad(step, _rows(g), x_rows, k, weights[k].shape,
+                                       w0.shape[1]).to(weight_dtypes[k])
                     if needs.weights[k] else None for k in range(n)]
                 if needs.w0:
                     g2 = _rows(g)
@@ -407,134 +507,28 @@ class _MergedBranchLinear(torch.autograd.Function):
         return (None,) * _N_META + (grad_x, grad_w0, grad_b0, *grad_weights, *grad_biases)
 
 
-def _input_grad(ctx, g: torch.Tensor, w0: torch.Tensor, weights: Sequence[torch.Tensor]
-                ) -> torch.Tensor:
-    """``g W`` through the patched weight, minus ``s (B_k P_k)^T g`` on the rows of the
-    samples that dropped branch ``k`` (the transpose of the forward's correction):
-    ``(rows, in)``."""
-    spec, dtype = ctx.spec, ctx.dtype
-    g2 = _rows(g)
-    tokens = g2.shape[0] // ctx.x_shape[0]  # rows per sample
-    with patched_weight(w0, ctx.state, ctx.patch, dtype) as w:
-        grad_x = torch.mm(g2, w)
-    for k, runs in enumerate(spec.dropped):
-        w_k = weights[k].to(dtype)
-        for a, b in runs:
-            rows = slice(a * tokens, b * tokens)
-            part = grouped.grouped_input_grad(g2[rows], w_k, w0.shape[1],
-                                              **spec.geometries[k]._asdict())
-            grad_x[rows].sub_(part, alpha=spec.scale)
-    return grad_x
-
-
-def _bias_grads(g: torch.Tensor, masks: Optional[torch.Tensor], batch: int, n: int
-                ) -> Tuple[torch.Tensor, List[torch.Tensor]]:
-    """fp32 ``(sum_n g, [sum_n m_k[n] g[n] for each branch k])``: the base bias sees every
-    sample, a branch bias the samples that kept it, times the ``1/(1-p)`` scale."""
-    if masks is None:
-        total = _rows(g).sum(0, dtype=torch.float32)
-        return total, [total] * n
-    per_sample = g.reshape(batch, -1, g.shape[-1]).sum(1, dtype=torch.float32)
-    return per_sample.sum(0), list(masks.t().to(per_sample) @ per_sample)
-
-
-def _branch_weight_grad(ctx, g2: torch.Tensor, x_rows, k: int, shape: torch.Size,
-                        in_features: int) -> torch.Tensor:
-    """Branch ``k``'s compact weight gradient over the rows of the samples that kept it,
-    times ``s`` (:func:`grouped.grouped_weight_grad`)."""
-    tokens = g2.shape[0] // ctx.x_shape[0]
-    ranges = [(a * tokens, b * tokens) for a, b in ctx.spec.kept[k]]
-    if not ranges:
-        return torch.zeros(shape, dtype=torch.float32, device=g2.device)
-    gw = grouped.grouped_weight_grad(g2, x_rows, **ctx.spec.geometries[k]._asdict(),
-                                     row_ranges=ranges, in_features=in_features)
-    if ctx.spec.scale != 1.0:
-        gw = gw.to(torch.float32).mul_(ctx.spec.scale)  # a fresh tensor: scaled in place
-    return gw
-
-
-# ------------------------------------------------------------------ under torch.compile
-def branch_product(x: torch.Tensor, weight: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """``B P x`` for ``x`` ``(n, in)`` as one broadcast multiply and a sum over each block's
-    ``s = in/g`` columns: plain ops with fixed shapes that a compiler fuses into one
-    memory-bound kernel per direction (no gather, so no scatter-add in backward; eager it would
-    materialise ``(n, out, s)``, which is why the eager path uses the batched block matmuls).
-
-    With ``rows = virtual_out/g``, the layer's rows ``[row_offset, row_offset + out)`` lie in
-    groups ``first..last`` of the virtual layer; the weight is padded with ``lead``/``trail`` zero
-    rows to whole groups, ``y[n, q, r] = sum_j w[q, r, j] x'[n, q*s + j]``, then cut back.
-    """
-    n, in_features = x.shape
-    out_features = weight.shape[0]
-    g, offset = geometry.groups, geometry.row_offset
-    vout = geometry.virtual_out_features or out_features
-    rows, s = vout // g, in_features // g
-    first, last = offset // rows, (offset + out_features - 1) // rows + 1
-    lead, trail = offset - first * rows, last * rows - (offset + out_features)
-    xs = grouped.channel_shuffle(x, g) if geometry.channel_shuffle else x
-    xs = xs[:, first * s:last * s].reshape(n, last - first, 1, s)
-    w = F.pad(weight, (0, 0, lead, trail)) if lead or trail else weight
-    y = (xs * w.reshape(last - first, rows, s)).sum(-1).reshape(n, -1)
-    return y[:, lead:lead + out_features] if lead or trail else y
-
-
-def traceable_linear(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
-                     weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
-                     geometries: Sequence[Geometry], masks: Optional[torch.Tensor]
-                     ) -> torch.Tensor:
-    """The layer as plain differentiable ops, what runs under ``torch.compile``::
-
-        y = x W0^T + b0 + sum_k m_k * (B_k P_k x + c_k)
-
-    (``m_k`` the per-sample factor of ``masks[:, k]``, 1 without masks). No autograd Function,
-    no in-place patch, no host read: dynamo traces it into the model's graph, AOTAutograd derives
-    the backward, and its partitioner decides whether the layer input is kept or recomputed from
-    what its LayerNorm/GELU saved (the eager path's :class:`InputRebuild`, done by the compiler).
-    """
-    y = F.linear(x, w0, b0)
-    x2 = _rows(x)
-    batch = x.shape[0] if x.dim() > 1 else 1
-    for k, geom in enumerate(geometries):
-        part = branch_product(x2, weights[k].to(x2.dtype), geom)
-        if biases[k] is not None:
-            part = part + biases[k].to(part.dtype)
-        part = part.reshape(y.shape)
-        if masks is not None:
-            part = part * masks[:, k].to(part.dtype).reshape(batch, *([1] * (y.dim() - 1)))
-        y = y + part.to(y.dtype)
-    return y
-
-
 def fast_linear(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
                 weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
-                geometries: Sequence[Geometry], masks: Optional[torch.Tensor],
-                drop_rate: float, cache: UnionCache,
-                keep: Optional[Sequence[Sequence[bool]]] = None) -> torch.Tensor:
-    """``x W0^T + b0 + sum_k m_k (B_k P_k x + c_k)`` through one merged-weight GEMM, for ``x``
-    of shape ``(..., in)`` and keep ``masks`` ``(batch, K)`` (``None``: every branch kept,
-    unscaled). ``cache`` holds the union of the supports of this ``W0``. ``keep``: the masks'
-    keep flags as host booleans, ``keep[k][n]`` (required with masks in eager mode; the
-    layer has them because it drew the masks on the host)."""
-    if torch.compiler.is_compiling():
-        return traceable_linear(x, w0, b0, weights, biases, geometries, masks)
+                geometries: Sequence[Geometry], keep: Optional[Sequence[Sequence[bool]]],
+                drop_rate: float, cache: UnionCache) -> torch.Tensor:
+    """``x W0^T + b0 + sum_k m_k (B_k P_k x + c_k)`` through one merged-weight GEMM (eager),
+    for ``x`` of shape ``(..., in)``. ``keep[k][n]``: whether sample ``n`` kept branch ``k``,
+    as host booleans (the layer drew the masks on the host); ``None``: every branch kept,
+    unscaled (``m_k = 1``), else ``m_k = keep / (1 - drop_rate)``. ``cache`` holds the union of
+    the supports of this ``W0``. Under ``torch.compile`` the layer calls
+    :func:`consolidator_hf.compiled_path.compiled_linear` instead."""
     squeeze = x.dim() == 1
     if squeeze:
         x = x.unsqueeze(0)
     batch, n = x.shape[0], len(geometries)
-    if masks is None:
-        kept: Tuple[Runs, ...] = (((0, batch),),) * n
-        dropped: Tuple[Runs, ...] = ((),) * n
-    else:
-        if keep is None or len(keep) != n or any(len(f) != batch for f in keep):
-            raise ValueError(f"fast_linear: masks of shape {tuple(masks.shape)} need their keep "
-                             f"flags as {n} host lists of {batch} booleans (keep=...)")
-        kept = tuple(sample_runs(f) for f in keep)
-        dropped = tuple(sample_runs([not v for v in f]) for f in keep)
+    if keep is not None and (len(keep) != n or any(len(f) != batch for f in keep)):
+        raise ValueError(f"fast_linear: keep flags must be {n} host lists of {batch} booleans "
+                         f"(one per branch, one flag per sample), got "
+                         f"{[len(f) for f in keep]} lists' lengths")
+    spec = make_spec(geometries, keep, batch, drop_rate)
     rebuild = None
     if torch.is_grad_enabled() and (w0.requires_grad or any(w.requires_grad for w in weights)):
         rebuild = InputRebuild.of(x)
-    spec = _Spec(tuple(geometries), 1.0 / (1.0 - drop_rate) if masks is not None else 1.0,
-                 kept, dropped)
-    y = _MergedBranchLinear.apply(spec, cache.get(w0, spec.geometries), rebuild, masks, x, w0,
-                                  b0, *weights, *biases)
+    y = _MergedBranchLinear.apply(spec, cache.get(w0, spec.geometries), rebuild, x, w0, b0,
+                                  *weights, *biases)
     return y.squeeze(0) if squeeze else y

@@ -100,8 +100,9 @@ def merged_linear(
     positions: Optional[Sequence[Optional[torch.Tensor]]] = None,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The merge formula, the one place it is written: ``(W0 + scale * sum_k D_k,
-    b0 + scale * sum_k c_k)``, summed in fp32 and returned in fp32 (callers cast once, so a
-    low-precision model merges without drift).
+    b0 + scale * sum_k c_k)``, summed in fp32 (or in ``W0``'s dtype when that is wider, so
+    float64 stays exact) and returned in that dtype (callers cast once, so a low-precision
+    model merges without drift).
 
     ``w0`` and every ``D_k`` have one shape (dense ``(out, in)`` matrices, or ``W0`` read on
     a support); ``positions[k]``, when given and not ``None``, says ``D_k`` holds only the
@@ -109,21 +110,22 @@ def merged_linear(
     supports this way). ``b0`` may be ``None``; the bias is ``None`` only when ``b0`` is
     ``None`` and no branch has a bias.
     """
-    w = w0.float()
+    acc = torch.promote_types(w0.dtype, torch.float32)
+    w = w0.to(acc)
     for k, d in enumerate(weight_deltas):
         pos = positions[k] if positions is not None else None
         if pos is None:
-            w = torch.add(w, d.float().reshape(w.shape), alpha=scale)
+            w = torch.add(w, d.to(acc).reshape(w.shape), alpha=scale)
         else:
-            w = w.reshape(-1).index_add(0, pos, d.float().reshape(-1), alpha=scale).view(w.shape)
+            w = w.reshape(-1).index_add(0, pos, d.to(acc).reshape(-1), alpha=scale).view(w.shape)
     biases = [c for c in bias_deltas if c is not None]
     if b0 is None and not biases:
         return w, None
-    b = b0.float() if b0 is not None else torch.zeros(w0.shape[0] if w0.dim() == 2 else
+    b = b0.to(acc) if b0 is not None else torch.zeros(w0.shape[0] if w0.dim() == 2 else
                                                       biases[0].shape[0],
-                                                      dtype=torch.float32, device=w0.device)
+                                                      dtype=acc, device=w0.device)
     for c in biases:
-        b = torch.add(b, c.float(), alpha=scale)
+        b = torch.add(b, c.to(acc), alpha=scale)
     return w, b
 
 

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from . import grouped
+from . import compiled_path
 from .fast_path import UnionCache, fast_linear
 from .grouped import Geometry
 from .config import IMPLS  # "fast" (one merged-weight GEMM, default) | "reference" (the oracle)
@@ -148,42 +149,50 @@ class ConsolidatorLinear(nn.Module):
         The same numbers as K consecutive :func:`grouped.keep_mask` draws, one per branch in
         order, so the reference and the fast path see identical masks under the same seed.
         Eager: drawn on the host (the CPU generator) and copied to ``device`` without a
-        synchronisation, so the host knows which samples dropped without reading a device
-        tensor (:meth:`_draw_masks_with_flags`). Under ``torch.compile``: drawn on ``device``
-        as part of the graph, used only as a per-sample scale (no data-dependent shape).
+        synchronisation. Under ``torch.compile``: drawn on ``device`` as part of the graph
+        (what the traced compiled formula multiplies every row by).
         """
-        return self._draw_masks_with_flags(batch, device)[0]
-
-    def _draw_masks_with_flags(self, batch: int, device=None
-                               ) -> Tuple[Optional[torch.Tensor], Optional[List[List[bool]]]]:
-        """``(masks, keep)``: :meth:`draw_masks`'s tensor and, in eager mode, its keep flags as
-        host booleans ``keep[k][n]`` (``None`` under ``torch.compile`` or without drop)."""
         if not (self.training and self.drop_rate > 0):
-            return None, None
+            return None
         k = len(self.branches)
         if torch.compiler.is_compiling():
-            return grouped.keep_masks(batch, k, self.drop_rate, device=device), None
-        masks = grouped.keep_masks(batch, k, self.drop_rate)  # host memory: reading it is free
-        keep = (masks > 0).t().numpy().tolist()
+            return grouped.keep_masks(batch, k, self.drop_rate, device=device)
+        masks = self.host_masks(batch)
         if device is not None and torch.device(device).type != "cpu":
             if torch.device(device).type == "cuda":
                 masks = masks.pin_memory()  # so the copy below does not wait for the GPU
             masks = masks.to(device, non_blocking=True)
-        return masks, keep
+        return masks
+
+    def host_masks(self, batch: int) -> Optional[torch.Tensor]:
+        """:meth:`draw_masks`'s numbers as a host (CPU) tensor, what the fast path reads: which
+        samples dropped is then host knowledge, never a read of a device tensor (under
+        ``torch.compile`` the draw is part of the graph, on the CPU)."""
+        if not (self.training and self.drop_rate > 0):
+            return None
+        return grouped.keep_masks(batch, len(self.branches), self.drop_rate)
 
     def forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        """Same result as :meth:`forward_reference` through one merged-weight GEMM.
-
-        Eager: one GEMM through ``W0 + s sum_k D_k`` plus the drop corrections on the rows of
-        the samples that dropped a branch, and a block-structured backward; under
-        ``torch.compile``: the same formula as plain traceable ops
-        (see :mod:`consolidator_hf.fast_path`).
-        """
+        """Same result as :meth:`forward_reference` through one merged-weight GEMM plus the
+        drop corrections on the rows of the samples that dropped a branch, and a
+        block-structured backward: :func:`fast_path.fast_linear` in eager mode; under
+        ``torch.compile`` the same functions as custom ops, or the traced formula, by device
+        (:mod:`consolidator_hf.compiled_path`)."""
         base = self.base_layer
-        masks, keep = self._draw_masks_with_flags(x.shape[0] if x.dim() > 1 else 1, x.device)
-        return fast_linear(x, base.weight, base.bias, [b.weight for b in self.branches],
-                           [b.bias for b in self.branches], self.geometries, masks,
-                           self.drop_rate, self._union_cache, keep)
+        batch = x.shape[0] if x.dim() > 1 else 1
+        weights, biases = [b.weight for b in self.branches], [b.bias for b in self.branches]
+        if torch.compiler.is_compiling():
+            if compiled_path.formula(x.device) == "traced":
+                return compiled_path.traceable_linear(
+                    x, base.weight, base.bias, weights, biases, self.geometries,
+                    self.draw_masks(batch, x.device))
+            return compiled_path.compiled_linear(x, base.weight, base.bias, weights, biases,
+                                                 self.geometries, self.host_masks(batch),
+                                                 self.drop_rate)
+        masks = self.host_masks(batch)
+        keep = (masks > 0).t().numpy().tolist() if masks is not None else None
+        return fast_linear(x, base.weight, base.bias, weights, biases, self.geometries, keep,
+                           self.drop_rate, self._union_cache)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """docs/DESIGN.md section 1 literally: base, plus each branch times its per-sample mask."""

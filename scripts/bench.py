@@ -13,7 +13,10 @@ Training configurations (each in its own worker process, so peak memory is its o
 * ``lora_r8_qv``: PEFT LoRA r=8 on the q and v projections plus the head (if peft is installed);
 * with ``--compile``: ``floor_compiled``, ``consolidator_fast_compiled``, ``lora_r8_qv_compiled``,
   the same models under ``torch.compile`` (compiled during the warm-up; the compile time is
-  reported), side by side with the eager rows and also compared with ``floor_compiled``.
+  reported), side by side with the eager rows and also compared with ``floor_compiled``;
+  ``consolidator_fast_compiled`` uses the device's default compiled formulation
+  (``compiled_path.FORMULAS``), ``consolidator_ops_compiled`` / ``consolidator_traced_compiled``
+  (by ``--configs`` only) force one.
 
 The workers stay alive while the main process asks each for one training step in turn
 (forward, backward, AdamW step), rotating the order every repeat, so a load spike on a shared
@@ -66,6 +69,8 @@ TRAIN_CONFIGS = ["floor", "consolidator_fast", "consolidator_reference", "full_f
 # warm-up steps; their ratios are also given against floor_compiled.
 COMPILED_CONFIGS = ["floor_compiled", "consolidator_fast_compiled", "lora_r8_qv_compiled"]
 COMPILED = "_compiled"
+# One compiled formulation forced (consolidator_hf.compiled_path.FORMULAS), by --configs only.
+FORMULA_CONFIGS = {"consolidator_ops_compiled": "ops", "consolidator_traced_compiled": "traced"}
 
 # glibc: serve allocations up to 32 MiB (the largest threshold glibc accepts; a ViT-B/16 batch of
 # 8 has no larger activation) from the heap and never hand freed memory back (see above).
@@ -85,8 +90,13 @@ def train_worker(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     compiled = args.worker.endswith(COMPILED)
-    model = build_train_model(args.worker[:-len(COMPILED)] if compiled else args.worker,
-                              args.model_size).to(device).train()
+    name = args.worker[:-len(COMPILED)] if compiled else args.worker
+    if args.worker in FORMULA_CONFIGS:
+        from consolidator_hf import compiled_path
+
+        compiled_path.FORMULAS[device.type] = FORMULA_CONFIGS[args.worker]
+        name = "consolidator_fast"
+    model = build_train_model(name, args.model_size).to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
     if compiled:
         model = torch.compile(model)
@@ -416,7 +426,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per configuration")
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads per worker")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--configs", nargs="+", choices=TRAIN_CONFIGS + COMPILED_CONFIGS,
+    p.add_argument("--configs", nargs="+",
+                   choices=TRAIN_CONFIGS + COMPILED_CONFIGS + list(FORMULA_CONFIGS),
                    default=TRAIN_CONFIGS, help="training configurations (floor is always included)")
     p.add_argument("--compile", action="store_true",
                    help="also run " + ", ".join(COMPILED_CONFIGS) + " (torch.compile)")

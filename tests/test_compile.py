@@ -9,7 +9,9 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from consolidator_hf import ConsolidatorConfig, ConsolidatorLinear, get_consolidator_model
-from consolidator_hf import fast_path
+import torch.nn.functional as F
+
+from consolidator_hf import compiled_path
 from tiny import pixels, tiny_deit, tiny_dinov2, tiny_vit
 
 FAMILIES = {"vit": tiny_vit, "deit": tiny_deit, "dinov2": tiny_dinov2}
@@ -48,9 +50,16 @@ def _assert_close(got, ref, rel: float) -> None:
         assert err <= rel * max(g.abs().max().item(), 1e-2 * scale), (name, err)
 
 
+@pytest.fixture(params=["ops", "traced"])
+def formula(request, monkeypatch):
+    """Both compiled formulations, on the CPU (the ops are its default)."""
+    monkeypatch.setitem(compiled_path.FORMULAS, "cpu", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("drop_rate", [0.0, 0.3])
-def test_training_forward_is_one_graph(family, drop_rate):
+def test_training_forward_is_one_graph(family, drop_rate, formula):
     """Default impl, training mode: dynamo captures the whole forward with no graph break."""
     model = _model(FAMILIES[family], drop_rate)
     torch._dynamo.reset()
@@ -59,7 +68,7 @@ def test_training_forward_is_one_graph(family, drop_rate):
     assert explained.graph_count == 1
 
 
-def test_compiled_steps_with_fresh_masks_do_not_recompile_and_match_reference():
+def test_compiled_steps_with_fresh_masks_do_not_recompile_and_match_reference(formula):
     """20 compiled training steps (forward, backward, AdamW) with a fresh drop draw each step
     compile once; the first step's gradients are the reference's under the same seed
     (aot_eager keeps eager's RNG stream, so the masks are the same numbers)."""
@@ -80,8 +89,8 @@ def test_compiled_steps_with_fresh_masks_do_not_recompile_and_match_reference():
 
 
 def test_traceable_formula_equals_reference_float64():
-    """The formulation the compiler sees (broadcast block products, per-sample factors) is the
-    reference forward, in float64, on every geometry the eager path is tested on."""
+    """The traced formulation (broadcast block products, per-sample factors; the default on
+    GPUs) is the reference forward, in float64, on every geometry the eager path is tested on."""
     cases = [(12, 24, (4,), 0, None), (12, 24, (4, 2), 0, None), (12, 12, (3,), 12, 36),
              (12, 24, (6, 2), 12, 36), (12, 10, (1,), 5, 30)]
     for in_f, out_f, groups, offset, vout in cases:
@@ -95,10 +104,120 @@ def test_traceable_formula_equals_reference_float64():
             ref = layer.forward_reference(x)
             torch.manual_seed(3)
             masks = layer.draw_masks(5).double()
-            got = fast_path.traceable_linear(
+            got = compiled_path.traceable_linear(
                 x, base.weight, base.bias, [b.weight for b in layer.branches],
                 [b.bias for b in layer.branches], layer.geometries, masks)
             torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("drop_rate", [0.0, 0.5])
+def test_compiled_ops_equal_reference_float64(drop_rate):
+    """The custom ops the compiler sees (called eagerly here) give the reference forward and
+    its gradients, in float64, on every geometry the eager path is tested on, with the base
+    weight unfrozen too (its dense gradient), 2-D and 3-D inputs; W0 comes back unchanged."""
+    cases = [(12, 24, (4,), 0, None), (12, 24, (4, 2), 0, None), (12, 12, (3,), 12, 36),
+             (12, 24, (6, 2), 12, 36), (12, 10, (1,), 5, 30)]
+    dropped = kept = 0
+    for in_f, out_f, groups, offset, vout in cases:
+        for shuffle in (False, True):
+            for shape in ((5, 7, in_f), (6, in_f)):
+                base = nn.Linear(in_f, out_f).double()
+                layer = ConsolidatorLinear(base, groups, channel_shuffle=shuffle,
+                                           drop_rate=drop_rate, init_range=0.3,
+                                           row_offset=offset,
+                                           virtual_out_features=vout).double().train()
+                params = [base.weight, base.bias, *layer.branches.parameters()]
+                x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+                w0_before = base.weight.detach().clone()
+
+                def run(forward):
+                    torch.manual_seed(3)
+                    y = forward()
+                    grads = torch.autograd.grad((y * y.detach().cos()).sum(), [x, *params])
+                    return y.detach(), grads
+
+                ref = run(lambda: layer.forward_reference(x))
+                masks = None
+
+                def compiled():
+                    nonlocal masks
+                    masks = layer.host_masks(shape[0])
+                    return compiled_path.compiled_linear(
+                        x, base.weight, base.bias, [b.weight for b in layer.branches],
+                        [b.bias for b in layer.branches], layer.geometries, masks, drop_rate)
+
+                got = run(compiled)
+                assert (masks is None) == (drop_rate == 0)
+                if masks is not None:
+                    assert masks.device.type == "cpu"
+                    dropped += int((masks == 0).sum())
+                    kept += int((masks > 0).sum())
+                torch.testing.assert_close(got[0], ref[0], rtol=1e-12, atol=1e-12)
+                for g, r in zip(got[1], ref[1]):
+                    torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+                assert torch.equal(base.weight.detach(), w0_before)
+    assert drop_rate == 0 or (dropped > 20 and kept > 20), (dropped, kept)
+
+
+class _Block(nn.Module):
+    """LayerNorm -> linear -> GELU -> linear, the shape of a ViT MLP: the two adapted
+    inputs are a LayerNorm's and a GELU's output, which the floor never keeps."""
+
+    def __init__(self, adapted: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm = nn.LayerNorm(32)
+        self.fc1, self.fc2 = nn.Linear(32, 128), nn.Linear(128, 32)
+        for lin in (self.fc1, self.fc2):
+            lin.weight.requires_grad_(False)
+        if adapted:
+            self.fc1 = ConsolidatorLinear(self.fc1, (16,), channel_shuffle=True,
+                                          drop_rate=0.25, init_range=0.05)
+            self.fc2 = ConsolidatorLinear(self.fc2, (16,), channel_shuffle=True,
+                                          drop_rate=0.25, init_range=0.05)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def _saved_bytes(model, x) -> int:
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in skip:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    out.sum().backward()
+    return sum(seen.values())
+
+
+def test_inductor_rebuilds_adapted_inputs_instead_of_saving_them(monkeypatch):
+    """Under inductor the joint-graph pass makes the partitioner rebuild the LayerNorm's and
+    the GELU's outputs in backward: the adapted block saves what the floor (same block, plain
+    frozen linears) saves, plus only the tiny masks; without the pass both inputs are kept."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    x = torch.randn(8, 16, 32)
+    sizes = {}
+    with inductor_config.patch(fx_graph_cache=False), \
+            functorch_config.patch(enable_autograd_cache=False):
+        for name, adapted, pass_on in (("floor", False, True), ("adapted", True, True),
+                                       ("no pass", True, False)):
+            if not pass_on:
+                monkeypatch.setattr(compiled_path, "recompute_inputs", lambda graph: 0)
+            torch._dynamo.reset()
+            model = _Block(adapted).train()
+            compiled = torch.compile(model)
+            compiled(x).sum().backward()  # compile
+            sizes[name] = _saved_bytes(compiled, x)
+    activation = 8 * 16 * 4  # bytes of one feature over every row
+    assert sizes["adapted"] <= sizes["floor"] + 64, sizes  # the masks: (8, 1) floats each
+    assert sizes["no pass"] >= sizes["floor"] + activation * (32 + 128), sizes
 
 
 class _AdaptedStack(nn.Module):
@@ -120,7 +239,7 @@ class _AdaptedStack(nn.Module):
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
-def test_inductor_gradients_match_reference(autocast):
+def test_inductor_gradients_match_reference(autocast, formula):
     """torch.compile (inductor) of the default path gives the reference's gradients: fp32 to
     1e-4, bf16 autocast within bf16 tolerance (merges and sums in fp32 either way).
 

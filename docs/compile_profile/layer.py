@@ -1,15 +1,16 @@
 """One-off measurement (issue 14): one adapted layer (LayerNorm -> linear FIN->FOUT, groups 384,
 1576 rows, drop 0.1, SH=1 for shuffle) compiled alone, fwd+bwd, 15 interleaved steps, against the
-compiled frozen linear. Arguments: formulations (cur, or names in variants.py).
+compiled frozen linear, in the traced formulation. Arguments: formulations of its branch product
+(cur, or names in variants.py).
 
     PYTHONPATH=.:docs/compile_profile FIN=768 FOUT=3072 python docs/compile_profile/layer.py cur blocks op
 """
 import os, sys, time, statistics, torch
 import torch.nn.functional as F
 torch.set_num_threads(2)
-from consolidator_hf import fast_path, grouped
+from consolidator_hf import compiled_path, grouped
 from consolidator_hf.grouped import Geometry
-import variants as mb_variants
+import variants as variants
 n, fin, fout, G = 1576, int(os.environ.get("FIN", 768)), int(os.environ.get("FOUT", 3072)), 384
 torch.manual_seed(0)
 u = torch.randn(n // 197, 197, fin)
@@ -22,12 +23,12 @@ def floor_f(u, m):
     return F.linear(F.layer_norm(u, (fin,), lnw, lnb), w0, b0)
 def make(bp):
     def f(u, m):
-        fast_path.branch_product = bp
-        return fast_path.traceable_linear(F.layer_norm(u, (fin,), lnw, lnb), w0, b0, [wk], [ck], [geom], m)
+        compiled_path.branch_product = bp
+        return compiled_path.traceable_linear(F.layer_norm(u, (fin,), lnw, lnb), w0, b0, [wk], [ck], [geom], m)
     return f
 variants = {"floor": floor_f}
 for v in sys.argv[1:]:
-    variants[v] = make(fast_path.branch_product if v == "cur" else getattr(mb_variants, v))
+    variants[v] = make(compiled_path.branch_product if v == "cur" else getattr(variants, v))
 steps = {}
 for name, f in variants.items():
     cf = torch.compile(f)

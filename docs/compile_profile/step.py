@@ -1,7 +1,8 @@
 """One-off measurement (issue 14): compiled floor vs compiled Consolidator on a ViT-B-width model
 with L layers (default 2), batch B (8), 224^2, fp32, 2 threads; R interleaved steps, medians;
 PROF=1 adds a 5-step torch.profiler split of self CPU time (GEMMs, attention, inductor's compiled
-kernels, other). V=<name> swaps fast_path.branch_product for a formulation in variants.py.
+kernels, other). F=ops|traced picks the compiled formulation (default: the CPU's, ops);
+V=<name> swaps the traced formulation's branch product for one in variants.py (implies F=traced).
 
     PYTHONPATH=.:docs/compile_profile PROF=1 python docs/compile_profile/step.py
     PYTHONPATH=.:docs/compile_profile V=op python docs/compile_profile/step.py
@@ -9,12 +10,13 @@ kernels, other). V=<name> swaps fast_path.branch_product for a formulation in va
 import os, sys, time, statistics, torch
 torch.set_num_threads(2)
 from consolidator_apps import speed
-from consolidator_hf import fast_path
+from consolidator_hf import compiled_path
 speed.MODEL_SIZES["b2"] = dict(speed.MODEL_SIZES["base"], num_hidden_layers=int(os.environ.get("L", "2")))
 variant = os.environ.get("V", "cur")
+compiled_path.FORMULAS["cpu"] = os.environ.get("F", "traced" if variant != "cur" else "ops")
 if variant != "cur":
-    import variants as mb_variants
-    fast_path.branch_product = getattr(mb_variants, variant)
+    import variants
+    compiled_path.branch_product = getattr(variants, variant)
 names = sys.argv[1:] or ["floor", "consolidator_fast"]
 torch.manual_seed(0)
 B = int(os.environ.get("B", "8"))

@@ -1,4 +1,4 @@
-"""Formulations of the branch product ``B P x`` tried under torch.compile (issue 14; none kept):
+"""Formulations of the traced compiled path's branch product ``B P x`` (issue 14; none kept):
 ``blocks``: the eager block-diagonal bmm in the graph; ``op``: a torch.library custom op whose
 backward runs grouped.grouped_input_grad / grouped_weight_grad (its input is saved); ``hybrid``:
 ``blocks`` where a block has fewer input than output channels, else the current formula."""
@@ -48,11 +48,12 @@ def op(x, weight, geometry):
     return _bp(x.contiguous(), weight, geometry.groups, geometry.channel_shuffle, geometry.row_offset,
                geometry.virtual_out_features or 0)
 
-from consolidator_hf import fast_path as _fp
-_cur = _fp.branch_product
+from consolidator_hf import compiled_path as _cp
+_cur = _cp.branch_product
 def hybrid(x, weight, geometry):
-    s = x.shape[1] // geometry.groups
-    rows = (geometry.virtual_out_features or weight.shape[0]) // geometry.groups
-    if s < rows:
+    plan = grouped.block_plan(x.shape[1], weight.shape[0], geometry.groups,
+                              row_offset=geometry.row_offset,
+                              virtual_out_features=geometry.virtual_out_features)
+    if plan.s < plan.rows:
         return blocks(x, weight, geometry)
     return _cur(x, weight, geometry)
