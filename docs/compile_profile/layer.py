@@ -26,11 +26,11 @@ def make(bp):
         compiled_path.branch_product = bp
         return compiled_path.traceable_linear(F.layer_norm(u, (fin,), lnw, lnb), w0, b0, [wk], [ck], [geom], m)
     return f
-variants = {"floor": floor_f}
+forms = {"floor": floor_f}
 for v in sys.argv[1:]:
-    variants[v] = make(compiled_path.branch_product if v == "cur" else getattr(variants, v))
+    forms[v] = make(compiled_path.branch_product if v == "cur" else getattr(variants, v))
 steps = {}
-for name, f in variants.items():
+for name, f in forms.items():
     cf = torch.compile(f)
     def step(cf=cf):
         m = grouped.keep_masks(n // 197, 1, 0.1)
