@@ -238,6 +238,39 @@ class _AdaptedStack(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
+def test_the_pass_is_chained_ahead_of_a_configured_one(monkeypatch):
+    """Installing the joint-graph pass keeps a user's pass running after it, caches only when
+    that pass can be cached, and is idempotent."""
+    import torch._inductor.config as inductor_config
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    calls = []
+
+    class UserPass(CustomGraphPass):
+        def __call__(self, graph):
+            calls.append("user")
+
+        def uuid(self):
+            return "user-pass-1"
+
+    monkeypatch.setattr(compiled_path, "recompute_inputs", lambda graph: calls.append("ours"))
+    # inductor's config is patched through its own context (monkeypatch would delete the entry)
+    with inductor_config.patch(joint_custom_pre_pass=UserPass()):
+        compiled_path._install_pass()
+        installed = inductor_config.joint_custom_pre_pass
+        compiled_path._install_pass()
+        assert inductor_config.joint_custom_pre_pass is installed
+        installed(torch.fx.Graph())
+        assert calls == ["ours", "user"]
+        assert installed.uuid()[1] == "user-pass-1"
+    with inductor_config.patch(joint_custom_pre_pass=lambda graph: None):
+        compiled_path._install_pass()
+        assert inductor_config.joint_custom_pre_pass.uuid() is None  # a plain callable: no cache
+    with inductor_config.patch(joint_custom_pre_pass=None):
+        compiled_path._install_pass()
+        assert inductor_config.joint_custom_pre_pass.uuid().startswith("consolidator_hf.")
+
+
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
 def test_inductor_gradients_match_reference(autocast, formula):
     """torch.compile (inductor) of the default path gives the reference's gradients: fp32 to
