@@ -9,12 +9,13 @@
   the slower one); it is the default on GPUs because there the ops' per-layer Python would be
   back in every step and those kernels are cheap. Unmeasured on a GPU: see the README.
 
-Why ops and not traceable formulas: the eager design runs one merged-weight GEMM and corrects
-only the rows of the samples that dropped a branch. Which rows those are is a data-dependent
-shape, so written as plain ops it either recompiles with every fresh mask or has to correct
-every row; the previous compiled path did the latter (the branch products over all rows as
-inductor kernels) and measured 1.16x-1.44x the compiled floor's step on ViT-B, CPU. Inside a
-custom op the row runs are host data again, read from a *host* mask tensor:
+Why ops and not only traceable formulas: the eager design runs one merged-weight GEMM and
+corrects only the rows of the samples that dropped a branch. Which rows those are is a
+data-dependent shape, so written as plain ops it either recompiles with every fresh mask or has
+to correct every row; the traced formulation does the latter (the branch products over all rows
+as inductor kernels) and measured 1.29x the compiled floor's step on ViT-B, CPU, against 1.15x
+for the ops in the same run (README, "Fast training path"). Inside a custom op the row runs are
+host data again, read from a *host* mask tensor:
 
 * the layer draws the masks with ``torch.rand`` on the CPU inside the graph (inductor's CPU
   RNG, fresh numbers every step without a recompile); the op reads them with ``.numpy()``, a
@@ -28,7 +29,8 @@ custom op the row runs are host data again, read from a *host* mask tensor:
 The branch-weight gradient needs the layer input ``x``. Eager mode rebuilds it from what its
 LayerNorm/GELU saved (:class:`fast_path.InputRebuild`); here the compiler's partitioner
 decides, and by default it would *save* ``x`` (inductor does not recompute a value that an
-opaque op reads in backward), costing ~1.5x the floor's saved activations on ViT-B.
+opaque op reads in backward), costing 1.54x the floor's saved activations in a 2-layer
+ViT-B-width model.
 :func:`recompute_inputs`, a joint-graph pass, marks the pointwise/view chain that produces each
 backward op's ``x`` from tensors backward keeps anyway as ``MUST_RECOMPUTE``: inductor then
 rebuilds ``x`` in backward, the same trade as eager. The pass touches no graph without these

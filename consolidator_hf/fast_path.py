@@ -16,10 +16,10 @@ through the block structure (:func:`grouped.grouped_forward_blocks`: a few small
 those rows only, about ``p`` of the batch), so the drop semantics hold per sample and per
 branch (a dropped row is ``x W^T - s B_k P_k x`` rather than ``x W0^T``: equal up to fp32
 rounding) and the big GEMM is never split. Which samples dropped is host knowledge, not a read
-of a device tensor: the layer draws the masks on the host (:meth:`ConsolidatorLinear.draw_masks`)
+of a device tensor: the layer draws the masks on the host (:meth:`ConsolidatorLinear.host_masks`)
 and hands :func:`fast_linear` only their keep flags (host booleans); no mask tensor reaches the
-device. Correcting every row by ``(m_k - s)`` instead (fixed shapes, what the previous compiled
-path did) measured 1.49x the eager floor's step on ViT-B/16 (batch 8, 2 CPU threads) against
+device. Correcting every row by ``(m_k - s)`` instead (fixed shapes, what the traced compiled
+formulation does) measured 1.49x the eager floor's step on ViT-B/16 (batch 8, 2 CPU threads) against
 1.05x for these row runs (README, "Fast training path").
 
 ``W`` differs from ``W0`` only on the union of the branches' supports (``out * in/g``
