@@ -139,8 +139,7 @@ def merged_linear_backward(grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor
     grad_w: List[Optional[torch.Tensor]] = [None] * n
     grad_c: List[Optional[torch.Tensor]] = [None] * len(biases)
     with _autocast_off(x.device.type):
-        values, _ = fast_path._patch(state, b0, weights, bias_list, spec.scale, dtype)
-        step = fast_path._Step(spec, state, values, dtype, x.shape[0])
+        step = fast_path.backward_step(spec, state, b0, weights, bias_list, dtype, x.shape[0])
         g = grad.to(dtype).contiguous()
         if need_x:
             grad_x = fast_path.input_grad(step, g, w0, weights).view(x.shape)

@@ -19,8 +19,8 @@ rounding) and the big GEMM is never split. Which samples dropped is host knowled
 of a device tensor: the layer draws the masks on the host (:meth:`ConsolidatorLinear.host_masks`)
 and hands :func:`fast_linear` only their keep flags (host booleans); no mask tensor reaches the
 device. Correcting every row by ``(m_k - s)`` instead (fixed shapes, what the traced compiled
-formulation does) measured 1.49x the eager floor's step on ViT-B/16 (batch 8, 2 CPU threads) against
-1.05x for these row runs (README, "Fast training path").
+formulation does) measured 1.49x the eager floor's step on ViT-B/16 (batch 8, 2 CPU threads)
+against 1.05x for these row runs (README, "Fast training path").
 
 ``W`` differs from ``W0`` only on the union of the branches' supports (``out * in/g``
 entries per branch), so it is never built as a new dense matrix: the values ``W`` takes
@@ -61,6 +61,7 @@ from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tup
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from . import grouped
 from .grouped import Geometry
@@ -200,8 +201,8 @@ class UnionState(NamedTuple):
     ``union``: flat indices of ``W0`` covered by any branch (a single branch's support in its
     own order, so its compact weight maps onto it without a gather); ``positions[k]``: where
     branch ``k``'s entries sit in ``union`` (``None`` when they are ``union`` itself);
-    ``original``: ``W0`` read on ``union`` in fp32 or wider; ``native``: the same in ``W0``'s dtype, to
-    restore it bit for bit.
+    ``original``: ``W0`` read on ``union`` in fp32 or wider; ``native``: the same in ``W0``'s
+    dtype, to restore it bit for bit.
     """
 
     union: torch.Tensor
@@ -244,8 +245,8 @@ def union_state(w0: torch.Tensor, union: torch.Tensor,
                 positions: List[Optional[torch.Tensor]]) -> UnionState:
     """:class:`UnionState` of ``W0`` as it is now (its entries on ``union`` read once)."""
     native = w0.detach().reshape(-1).index_select(0, union)
-    return UnionState(union, positions, native.to(torch.promote_types(native.dtype, torch.float32)),
-                      native)
+    wide = native.to(torch.promote_types(native.dtype, torch.float32))
+    return UnionState(union, positions, wide, native)
 
 
 # ------------------------------------------------------------------ the patched weight
@@ -254,10 +255,10 @@ def _patch(state: UnionState, b0: Optional[torch.Tensor], weights: Sequence[torc
            ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """``W0 + scale * sum_k D_k`` on the union of the supports (in the order of
     ``state.union``) and ``b0 + scale * sum_k c_k``: :func:`grouped.merged_linear` in fp32,
-    cast to ``dtype``."""
+    cast to ``dtype``. Like everything below, called only where autograd records nothing
+    (inside the Function's forward/backward or a custom op), so no ``detach`` is needed."""
     values, bias = grouped.merged_linear(
-        state.original, b0, [w.detach() for w in weights],
-        [c.detach() if c is not None else None for c in biases],
+        state.original, b0, weights, biases,
         scale=scale, positions=state.positions)
     return values.to(dtype), (bias.to(dtype) if bias is not None else None)
 
@@ -273,7 +274,7 @@ def patched_weight(w0: torch.Tensor, state: UnionState, values: torch.Tensor,
     """
     in_place = w0.dtype == dtype and w0.is_contiguous()
     if not in_place:
-        target = w0.detach().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+        target = w0.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
         target.view(-1).index_copy_(0, state.union, values)
         yield target
         return
@@ -283,7 +284,7 @@ def patched_weight(w0: torch.Tensor, state: UnionState, values: torch.Tensor,
     flat = w0.data.view(-1)
     flat.index_copy_(0, state.union, values)
     try:
-        yield w0.detach()
+        yield w0
     finally:
         flat.index_copy_(0, state.union, state.native)
 
@@ -353,13 +354,22 @@ def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Ten
     with patched_weight(w0, state, values, dtype) as w:
         y = F.linear(xc, w, bias)
     for k, runs in enumerate(spec.dropped):
-        geom, w_k, c_k = spec.geometries[k], weights[k].detach().to(dtype), biases[k]
+        geom, w_k, c_k = spec.geometries[k], weights[k].to(dtype), biases[k]
         for a, b in runs:  # take branch k back out of the samples that dropped it
             part = grouped.grouped_forward_blocks(_rows(xc[a:b]), w_k, **geom._asdict())
             if c_k is not None:
-                part = part + c_k.detach().to(dtype)
+                part = part + c_k.to(dtype)
             _rows(y[a:b]).sub_(part, alpha=spec.scale)
     return y, _Step(spec, state, values, dtype, xc.shape[0])
+
+
+def backward_step(spec: _Spec, state: UnionState, b0: Optional[torch.Tensor],
+                  weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
+                  dtype: torch.dtype, batch: int) -> _Step:
+    """The :class:`_Step` :func:`forward_rows` returned, rebuilt from the same inputs (the
+    compiled ops keep no Python state between forward and backward)."""
+    values, _ = _patch(state, b0, weights, biases, spec.scale, dtype)
+    return _Step(spec, state, values, dtype, batch)
 
 
 def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor,
@@ -473,6 +483,7 @@ class _MergedBranchLinear(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # backward's in-place patch has no derivative of its own
     def backward(ctx, grad_out):
         step = ctx.step
         n = len(step.spec.geometries)
