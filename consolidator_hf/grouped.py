@@ -281,7 +281,11 @@ def keep_masks(batch: int, branches: int, drop_rate: float, *, device=None,
     """``branches`` per-sample masks at once, ``(batch, branches)`` fp32 on ``device`` (default
     the CPU): column ``k`` holds the numbers of the ``k``-th of as many consecutive
     :func:`keep_mask` draws on that device."""
-    keep = torch.rand(branches, batch, device=device, generator=generator) >= drop_rate
+    # generator=None is not passed on: that overload of rand rejects a symbolic batch size
+    # (torch.compile with dynamic shapes, e.g. a smaller last batch).
+    shape = (branches, batch)
+    keep = (torch.rand(shape, device=device) if generator is None else
+            torch.rand(shape, device=device, generator=generator)) >= drop_rate
     return keep.t().to(torch.float32) / (1.0 - drop_rate)
 
 

@@ -88,6 +88,20 @@ def test_compiled_steps_with_fresh_masks_do_not_recompile_and_match_reference(fo
     assert counter.frame_count == 1
 
 
+def test_compiled_training_with_changing_batch_sizes(formula):
+    """A smaller last batch (the Trainer keeps it by default) recompiles with a symbolic batch
+    size; the drop masks' draw must accept it (torch.rand's generator overload did not), and
+    every batch size gives the reference's gradients under the same seed."""
+    model = _model(tiny_vit, 0.3, groups=(16, 8))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager")
+    for batch in (4, 3, 2, 5):
+        px = pixels(batch)
+        ref = _reference_grads(model, px)
+        got = _grads(model, lambda x: compiled(pixel_values=x).logits, px)
+        _assert_close(got, ref, 1e-5)
+
+
 def test_traceable_formula_equals_reference_float64():
     """The traced formulation (broadcast block products, per-sample factors; the default on
     GPUs) is the reference forward, in float64, on every geometry the eager path is tested on."""
