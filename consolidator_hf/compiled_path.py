@@ -27,7 +27,7 @@ host data again, read from a *host* mask tensor:
 * the fake implementations give shapes only, so one graph serves every mask.
 
 The branch-weight gradient needs the layer input ``x``. Eager mode rebuilds it from what its
-LayerNorm/GELU saved (:class:`fast_path.InputRebuild`); here the compiler's partitioner
+LayerNorm/GELU saved (:class:`input_rebuild.InputRebuild`); here the compiler's partitioner
 decides, and by default it would *save* ``x`` (inductor does not recompute a value that an
 opaque op reads in backward), costing 1.54x the floor's saved activations in a 2-layer
 ViT-B-width model.
@@ -49,7 +49,8 @@ import torch
 import torch.nn.functional as F
 
 from . import fast_path, grouped
-from .fast_path import _autocast_off, _compute_dtype, _rows
+from .fast_path import _autocast_off, _compute_dtype
+from .input_rebuild import as_rows as _rows
 from .grouped import Geometry
 
 _NS = "consolidator_hf"

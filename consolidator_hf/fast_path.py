@@ -55,9 +55,8 @@ compiled step computes exactly this design, and leaves rebuilding the input to t
 
 from __future__ import annotations
 
-import warnings
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -65,6 +64,8 @@ from torch.autograd.function import once_differentiable
 
 from . import grouped
 from .grouped import Geometry
+from .input_rebuild import InputRebuild
+from .input_rebuild import as_rows as _rows
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -79,119 +80,6 @@ def _autocast_off(device_type: str):
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return nullcontext()
-
-
-# ------------------------------------------------------------------ rebuilding the input
-class InputRebuild:
-    """Rebuilds a layer input in backward from what the op that produced it saved anyway.
-
-    Supported producers: LayerNorm (``x = (u - mean) * rstd * w + b`` from the saved ``u``,
-    ``mean``, ``rstd``, ``w``, ``b``) and GELU (``x = gelu(u)`` from the saved ``u``). The
-    references it holds share storage with the producer's saved tensors, so keeping them costs
-    nothing; each reader also saves them with ``save_for_backward``, so an in-place change
-    between forward and backward raises autograd's usual error.
-
-    A tensor read by one layer (fc1, fc2) is rebuilt a chunk of rows at a time inside the
-    weight-gradient sum, so it never exists whole again. A tensor read by several layers
-    (q, k, v) is rebuilt whole once, kept from the first reader's backward until the last
-    reader's, and shared.
-    """
-
-    _ATTR = "_consolidator_rebuild"
-    _warned = False  # the missing-attributes warning is given once per process
-
-    def __init__(self, kind: str, tensors: Tuple[Optional[torch.Tensor], ...],
-                 approximate: str, dtype: torch.dtype) -> None:
-        self.kind, self.tensors, self.approximate, self.dtype = kind, tensors, approximate, dtype
-        self.readers = 0  # forwards that registered and whose backward has not run yet
-        self._shared: Optional[torch.Tensor] = None
-
-    @classmethod
-    def of(cls, x: torch.Tensor) -> Optional["InputRebuild"]:
-        """How to rebuild ``x`` (one more reader registered), or ``None`` when ``x`` has to be
-        saved: it is a view, was changed in place since, or its producer is not a known op."""
-        node = x.grad_fn
-        if node is None or x._is_view() or x.output_nr != 0:
-            return None
-        rebuild = getattr(x, cls._ATTR, None)
-        if rebuild is None:
-            rebuild = cls._from_node(node, x)
-            if rebuild is None:
-                return None
-            setattr(x, cls._ATTR, rebuild)
-        rebuild.readers += 1
-        return rebuild
-
-    @classmethod
-    def _from_node(cls, node, x: torch.Tensor) -> Optional["InputRebuild"]:
-        name = type(node).__name__
-        try:
-            if name == "NativeLayerNormBackward0":
-                tensors = (node._saved_input, node._saved_result1, node._saved_result2,
-                           node._saved_weight, node._saved_bias)
-                kind, approximate = "layer_norm", ""
-            elif name == "GeluBackward0":
-                tensors, kind, approximate = (node._saved_self,), "gelu", node._saved_approximate
-            else:
-                return None
-        except (AttributeError, RuntimeError):  # another torch build's node layout
-            if not cls._warned:
-                cls._warned = True
-                warnings.warn(
-                    f"consolidator_hf: this torch ({torch.__version__}) does not expose what "
-                    f"{name} saved, so the fast path keeps adapted layers' inputs for backward "
-                    "instead of rebuilding them (same results, more activation memory)",
-                    RuntimeWarning, stacklevel=2)
-            return None
-        if tensors[0].shape != x.shape:
-            return None
-        return cls(kind, tensors, approximate, x.dtype)
-
-    def _row_function(self, tensors: Sequence[Optional[torch.Tensor]]
-                      ) -> Callable[[int, int], torch.Tensor]:
-        if self.kind == "gelu":
-            u = _rows(tensors[0])
-            return lambda a, b: F.gelu(u[a:b], approximate=self.approximate)
-        u, mean, rstd, weight, bias = tensors
-        u, mean, rstd = _rows(u), mean.reshape(-1, 1), rstd.reshape(-1, 1)
-        shift = -mean * rstd  # (u - mean) * rstd = u * rstd + shift: one pass over u
-
-        def layer_norm_rows(a: int, b: int) -> torch.Tensor:
-            # mean/rstd are fp32 for low-precision inputs: compute there and round once, as
-            # the LayerNorm kernel does.
-            x = torch.addcmul(shift[a:b], u[a:b].to(rstd.dtype), rstd[a:b])
-            if weight is not None and bias is not None:
-                return torch.addcmul(bias, x, weight, out=x)
-            if weight is not None:
-                return x.mul_(weight)
-            return x.add_(bias) if bias is not None else x
-
-        return layer_norm_rows
-
-    def rows(self, tensors: Sequence[Optional[torch.Tensor]], dtype: torch.dtype
-             ) -> Callable[[int, int], torch.Tensor]:
-        """``(start, stop) -> rows of x`` in ``dtype`` for one reader's backward, built from
-        ``tensors`` (this object's tensors as the reader's ``ctx.saved_tensors`` unpacked them)."""
-        fn = self._row_function(tensors)
-        out_dtype = self.dtype
-        shared = self.readers > 1 or self._shared is not None
-        self.readers -= 1
-        if not shared:
-            return lambda a, b: fn(a, b).to(out_dtype).to(dtype)
-        x = self._shared
-        if x is None:
-            x = fn(0, _rows(tensors[0]).shape[0]).to(out_dtype)
-        # Kept until the last registered reader has taken it.
-        self._shared = x if self.readers > 0 else None
-        x = x.to(dtype)
-        return lambda a, b: x[a:b]
-
-    def release(self) -> None:
-        """A registered reader that will never ask (it needs no weight gradient)."""
-        self.readers -= 1
-        if self.readers <= 0:
-            self._shared = None
-
 
 
 # ------------------------------------------------------------------ the union of the supports
@@ -287,11 +175,6 @@ def patched_weight(w0: torch.Tensor, state: UnionState, values: torch.Tensor,
         yield w0
     finally:
         flat.index_copy_(0, state.union, state.native)
-
-
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``(rows, features)``: a view."""
-    return t.reshape(-1, t.shape[-1])
 
 
 # ------------------------------------------------------------------ the autograd Function
