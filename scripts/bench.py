@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional
 
 from consolidator_apps import speed
@@ -106,11 +107,15 @@ def train_worker(args: argparse.Namespace) -> None:
     x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
     y = torch.randint(0, speed.NUM_LABELS, (args.batch_size,), generator=g).to(device)
 
+    def amp():
+        return torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else nullcontext()
+
     def step() -> Dict[str, float]:
         sync(device)
         faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t, c = time.perf_counter(), time.process_time()
-        loss = model(pixel_values=x, labels=y).loss
+        with amp():
+            loss = model(pixel_values=x, labels=y).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -133,7 +138,8 @@ def train_worker(args: argparse.Namespace) -> None:
             if i == 0 and compiled:
                 compile_s = t["step_s"]  # the first step compiles forward and backward
     # After the warm-up steps, so that the peak RSS above is a training step's.
-    saved = saved_activation_bytes(model, x, y, params)
+    with amp():
+        saved = saved_activation_bytes(model, x, y, params)
     _send({"ready": True, "trainable_params": sum(p.numel() for p in params),
            "compile_s": compile_s})
     for line in sys.stdin:
@@ -217,6 +223,8 @@ def _spawn(args: argparse.Namespace, worker: str) -> subprocess.Popen:
            "--model-size", args.model_size, "--batch-size", str(args.batch_size),
            "--repeats", str(args.repeats), "--threads", str(args.threads),
            "--device", args.device, "--warmup", str(args.warmup), "--allocator", args.allocator]
+    if args.bf16:
+        cmd.append("--bf16")
     env = dict(os.environ)
     if args.allocator == "tuned":
         env.update(TUNED_MALLOC_ENV)
@@ -431,6 +439,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                    default=TRAIN_CONFIGS, help="training configurations (floor is always included)")
     p.add_argument("--compile", action="store_true",
                    help="also run " + ", ".join(COMPILED_CONFIGS) + " (torch.compile)")
+    p.add_argument("--bf16", action="store_true",
+                   help="training steps (and the saved-activation probe) under bf16 autocast; "
+                        "weights and merges stay fp32, inference rows stay fp32")
     p.add_argument("--allocator", choices=["tuned", "system"], default="tuned",
                    help="glibc malloc settings of the workers (see the module docstring)")
     p.add_argument("--output-dir", default="bench_out")

@@ -67,3 +67,34 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
 
     png = (out / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_worker_bf16_steps_under_autocast(tmp_path):
+    """--bf16: a training worker steps under bf16 autocast (the fast path included), so the
+    activations its forward saves shrink against the same worker in fp32."""
+    def worker(*extra):
+        # stderr to a file: a pipe nobody reads could fill up and stall the worker
+        err = open(tmp_path / f"stderr{len(extra)}.txt", "w")
+        return subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--worker",
+             "consolidator_fast", "--model-size", "tiny", "--batch-size", "2", "--warmup", "1",
+             "--threads", "1", *extra],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+
+    procs = {"fp32": worker(), "bf16": worker("--bf16")}
+    saved = {}
+    for name, proc in procs.items():
+        def ask(cmd):
+            proc.stdin.write(cmd + "\n")
+            proc.stdin.flush()
+            return json.loads(proc.stdout.readline())
+
+        ready = json.loads(proc.stdout.readline())
+        step, report = ask("step"), ask("report")
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        code = proc.wait(timeout=120)
+        assert code == 0, (tmp_path / f"stderr{int(name == 'bf16')}.txt").read_text()[-3000:]
+        assert ready["ready"] and step["step_s"] > 0
+        saved[name] = report["saved_activation_bytes"]
+    assert 0 < saved["bf16"] < 0.9 * saved["fp32"], saved

@@ -4,14 +4,13 @@ device synchronisation inside a training step."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from consolidator_hf import ConsolidatorConfig, ConsolidatorLinear, get_consolidator_model
-import torch.nn.functional as F
-
-from consolidator_hf import compiled_path
+from consolidator_hf import (ConsolidatorConfig, ConsolidatorLinear, compiled_path,
+                             get_consolidator_model)
 from tiny import pixels, tiny_deit, tiny_dinov2, tiny_vit
 
 FAMILIES = {"vit": tiny_vit, "deit": tiny_deit, "dinov2": tiny_dinov2}
@@ -293,11 +292,15 @@ def test_inductor_gradients_match_reference(autocast, formula):
     Inductor compiles the adapted layers only: the whole-model capture (one graph, no
     recompiles, same gradients) is tested above with aot_eager, and inductor's cold C++ build of
     a whole tiny ViT cost ~60 s per dtype against ~20 s for these layers."""
-    model = _AdaptedStack().train()
-    x = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(1))
+    _check_inductor_gradients("cpu", autocast)
+
+
+def _check_inductor_gradients(device: str, autocast: bool) -> None:
+    model = _AdaptedStack().to(device).train()
+    x = torch.randn(4, 5, 32, generator=torch.Generator().manual_seed(1)).to(device)
     layers = (model.a, model.b)
-    ctx = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if autocast else \
-        (lambda: torch.autocast("cpu", enabled=False))
+    ctx = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if autocast else \
+        (lambda: torch.autocast(device, enabled=False))
     for layer in layers:
         layer.impl = "reference"
     with ctx():
@@ -310,6 +313,15 @@ def test_inductor_gradients_match_reference(autocast, formula):
         got = _grads(model, compiled, x)
     assert len(ref) == 8  # both layers' two branches: weight and bias each
     _assert_close(got, ref, 5e-2 if autocast else 1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("cuda_formula", ["ops", "traced"])
+def test_cuda_inductor_gradients_match_reference(autocast, cuda_formula, monkeypatch):
+    """The same on a GPU, for both compiled formulations (traced is the GPU default)."""
+    monkeypatch.setitem(compiled_path.FORMULAS, "cuda", cuda_formula)
+    _check_inductor_gradients("cuda", autocast)
 
 
 class _NoHostReads(TorchDispatchMode):
