@@ -85,7 +85,7 @@ def _step_inputs(x: torch.Tensor, w0: torch.Tensor, keep: Optional[torch.Tensor]
         if keep.device.type != "cpu":
             raise ValueError(f"{_NS}::merged_linear: the keep masks must be a host (CPU) tensor, "
                              f"got one on {keep.device} (reading it would synchronise)")
-        flags = (keep > 0).t().numpy().tolist()
+        flags = fast_path.keep_flags(keep)
     spec = fast_path.make_spec(geometries, flags, x.shape[0], drop_rate)
     union, positions = _union(tuple(w0.shape), geometries, w0.device)
     return spec, fast_path.union_state(w0, union, positions)
@@ -135,27 +135,18 @@ def merged_linear_backward(grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor
     spec, state = _step_inputs(x, w0, keep, groups, channel_shuffle, row_offset,
                                virtual_out_features, drop_rate)
     n, dtype = len(weights), x.dtype
-    bias_list = _none_if_empty(biases, n)
-    grad_x = grad_w0 = grad_b0 = None
-    grad_w: List[Optional[torch.Tensor]] = [None] * n
-    grad_c: List[Optional[torch.Tensor]] = [None] * len(biases)
+    wanted = fast_path.Needs(need_x, need_w0, need_b0 and b0 is not None, (need_w,) * n,
+                              (need_c,) * len(biases))
     with _autocast_off(x.device.type):
-        step = fast_path.backward_step(spec, state, b0, weights, bias_list, dtype, x.shape[0])
-        g = grad.to(dtype).contiguous()
-        if need_x:
-            grad_x = fast_path.input_grad(step, g, w0, weights).view(x.shape)
-        if need_b0 or (need_c and biases):
-            total, per_branch = fast_path.bias_grads(step, g)
-            if need_b0 and b0 is not None:
-                grad_b0 = total.to(b0.dtype)
-            if need_c:
-                grad_c = [per_branch[k].to(c.dtype) for k, c in enumerate(biases)]
-        g2, x2 = _rows(g), _rows(x)
-        if need_w:
-            grad_w = [fast_path.branch_weight_grad(step, g2, x2, k, w.shape, w0.shape[1])
-                      .to(w.dtype) for k, w in enumerate(weights)]
-        if need_w0:
-            grad_w0 = (g2.t() @ x2).to(w0.dtype)
+        step = fast_path.backward_step(spec, state, b0, weights, _none_if_empty(biases, n),
+                                       dtype, x.shape[0])
+        grads = fast_path.gradients(step, grad.to(dtype).contiguous(), w0, weights,
+                                    lambda: _rows(x), wanted)
+    cast = (lambda t, like: t.to(like.dtype) if t is not None else None)
+    grad_x = grads.x.view(x.shape) if grads.x is not None else None
+    grad_w = [cast(t, w) for t, w in zip(grads.weights, weights)]
+    grad_c = [cast(t, c) for t, c in zip(grads.biases, biases)]
+    grad_w0, grad_b0 = cast(grads.w0, w0), cast(grads.b0, b0)
     # A custom op's outputs may not alias each other (the bias sums can be one tensor).
     out, seen = [], set()
     for t in [grad_x, grad_w0, grad_b0, *grad_w, *grad_c]:

@@ -56,7 +56,7 @@ compiled step computes exactly this design, and leaves rebuilding the input to t
 from __future__ import annotations
 
 from contextlib import contextmanager, nullcontext
-from typing import Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -204,6 +204,11 @@ def sample_runs(flags: Sequence[bool]) -> Runs:
     return tuple(runs)
 
 
+def keep_flags(masks: torch.Tensor) -> List[List[bool]]:
+    """``keep[k][n]`` host booleans of ``(batch, K)`` keep masks held in host memory."""
+    return (masks > 0).t().numpy().tolist()
+
+
 def make_spec(geometries: Sequence[Geometry], keep: Optional[Sequence[Sequence[bool]]],
               batch: int, drop_rate: float) -> _Spec:
     """The :class:`_Spec` of a step: ``keep[k][n]`` the host keep flags (``None``: no drop, every
@@ -312,8 +317,9 @@ def branch_weight_grad(step: _Step, g2: torch.Tensor, x_rows, k: int, shape: tor
     return gw
 
 
-class _Needs(NamedTuple):
-    """``ctx.needs_input_grad`` by name (the Function's tensor inputs)."""
+class Needs(NamedTuple):
+    """Which gradients are wanted, by input (the Function reads them off
+    ``ctx.needs_input_grad``, the compiled ops off their inputs' ``requires_grad``)."""
 
     x: bool
     w0: bool
@@ -327,13 +333,47 @@ class _Needs(NamedTuple):
         return self.w0 or any(self.weights)
 
 
+class Grads(NamedTuple):
+    """The layer's gradients, ``None`` where not needed, in the compute dtype (the input's)
+    or fp32 (sums), before the caller casts them to its inputs' dtypes."""
+
+    x: Optional[torch.Tensor]
+    w0: Optional[torch.Tensor]
+    b0: Optional[torch.Tensor]
+    weights: List[Optional[torch.Tensor]]
+    biases: List[Optional[torch.Tensor]]
+
+
+def gradients(step: _Step, g: torch.Tensor, w0: torch.Tensor, weights: Sequence[torch.Tensor],
+              x_rows: Callable[[], object], needs: Needs) -> Grads:
+    """Every gradient of the layer from the output gradient ``g`` (compute dtype, contiguous):
+    :func:`input_grad`, :func:`bias_grads`, :func:`branch_weight_grad` and, for an unfrozen
+    ``W0``, the dense ``g^T x``. ``x_rows()`` gives the layer input as ``(rows, in)`` or a
+    ``(start, stop) -> rows`` function; it is called only when a weight gradient needs it."""
+    n = len(weights)
+    grad_x = input_grad(step, g, w0, weights) if needs.x else None
+    grad_b0, grad_c = None, [None] * len(needs.biases)
+    if needs.b0 or any(needs.biases):
+        total, per_branch = bias_grads(step, g)
+        grad_b0 = total if needs.b0 else None
+        grad_c = [per_branch[k] if need else None for k, need in enumerate(needs.biases)]
+    grad_w, grad_w0 = [None] * n, None
+    if needs.x_rows:
+        x, g2 = x_rows(), _rows(g)
+        grad_w = [branch_weight_grad(step, g2, x, k, weights[k].shape, w0.shape[1])
+                  if needs.weights[k] else None for k in range(n)]
+        if needs.w0:
+            grad_w0 = g2.t() @ (x if isinstance(x, torch.Tensor) else x(0, g2.shape[0]))
+    return Grads(grad_x, grad_w0, grad_b0, grad_w, grad_c)
+
+
 # Leading non-tensor inputs of _MergedBranchLinear.apply: spec, state, rebuild.
 _N_META = 3
 
 
-def _needs(ctx, n_branches: int) -> _Needs:
+def _needs(ctx, n_branches: int) -> Needs:
     flags = ctx.needs_input_grad[_N_META:]
-    return _Needs(flags[0], flags[1], flags[2], tuple(flags[3:3 + n_branches]),
+    return Needs(flags[0], flags[1], flags[2], tuple(flags[3:3 + n_branches]),
                   tuple(flags[3 + n_branches:3 + 2 * n_branches]))
 
 
@@ -374,30 +414,22 @@ class _MergedBranchLinear(torch.autograd.Function):
         weights, rebuild_tensors = rest[:n], rest[n:]
         needs = _needs(ctx, n)
         w0_dtype, b0_dtype, weight_dtypes, bias_dtypes = ctx.grad_dtypes
-        grad_x = grad_w0 = grad_b0 = None
-        grad_weights: List[Optional[torch.Tensor]] = [None] * n
-        grad_biases: List[Optional[torch.Tensor]] = [None] * n
+
+        def x_rows():
+            if ctx.rebuild is None:
+                return _rows(saved_x.to(step.dtype))
+            return ctx.rebuild.rows(rebuild_tensors, step.dtype)
+
         with _autocast_off(grad_out.device.type):
             g = grad_out.to(step.dtype).contiguous()
-            if needs.x:
-                grad_x = input_grad(step, g, w0, weights).view(ctx.x_shape).to(ctx.x_dtype)
-            if needs.b0 or any(needs.biases):
-                total, per_branch = bias_grads(step, g)
-                if needs.b0:
-                    grad_b0 = total.to(b0_dtype)
-                grad_biases = [per_branch[k].to(bias_dtypes[k]) if needs.biases[k] else None
-                               for k in range(n)]
-            if needs.x_rows:
-                x_rows = _rows(saved_x.to(step.dtype)) if ctx.rebuild is None else \
-                    ctx.rebuild.rows(rebuild_tensors, step.dtype)
-                grad_weights = [
-                    branch_weight_grad(step, _rows(g), x_rows, k, weights[k].shape,
-                                       w0.shape[1]).to(weight_dtypes[k])
-                    if needs.weights[k] else None for k in range(n)]
-                if needs.w0:
-                    g2 = _rows(g)
-                    x2 = x_rows if ctx.rebuild is None else x_rows(0, g2.shape[0])
-                    grad_w0 = (g2.t() @ x2).to(w0_dtype)
+            grads = gradients(step, g, w0, weights, x_rows, needs)
+        grad_x = grads.x.view(ctx.x_shape).to(ctx.x_dtype) if grads.x is not None else None
+        grad_w0 = grads.w0.to(w0_dtype) if grads.w0 is not None else None
+        grad_b0 = grads.b0.to(b0_dtype) if grads.b0 is not None else None
+        grad_weights = [t.to(weight_dtypes[k]) if t is not None else None
+                        for k, t in enumerate(grads.weights)]
+        grad_biases = [t.to(bias_dtypes[k]) if t is not None else None
+                       for k, t in enumerate(grads.biases)]
         return (None,) * _N_META + (grad_x, grad_w0, grad_b0, *grad_weights, *grad_biases)
 
 

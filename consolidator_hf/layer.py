@@ -13,6 +13,7 @@ from torch import nn
 
 from . import grouped
 from . import compiled_path
+from . import fast_path
 from .fast_path import UnionCache, fast_linear
 from .grouped import Geometry
 from .config import IMPLS  # "fast" (one merged-weight GEMM, default) | "reference" (the oracle)
@@ -190,7 +191,7 @@ class ConsolidatorLinear(nn.Module):
                                                  self.geometries, self.host_masks(batch),
                                                  self.drop_rate)
         masks = self.host_masks(batch)
-        keep = (masks > 0).t().numpy().tolist() if masks is not None else None
+        keep = fast_path.keep_flags(masks) if masks is not None else None
         return fast_linear(x, base.weight, base.bias, weights, biases, self.geometries, keep,
                            self.drop_rate, self._union_cache)
 
