@@ -21,9 +21,8 @@ host data again, read from a *host* mask tensor:
   RNG, fresh numbers every step without a recompile); the op reads them with ``.numpy()``, a
   read of host memory, never of a device tensor, so a step on a GPU has no synchronisation;
 * ``consolidator_hf::merged_linear`` is :func:`fast_path.forward_rows`;
-* ``consolidator_hf::merged_linear_backward`` is :func:`fast_path.input_grad`,
-  :func:`fast_path.bias_grads` and :func:`fast_path.branch_weight_grad` (and the dense
-  ``g^T x`` if ``W0`` was unfrozen);
+* ``consolidator_hf::merged_linear_backward`` is :func:`fast_path.gradients`, the gradient
+  assembly the eager Function's backward calls too;
 * the fake implementations give shapes only, so one graph serves every mask.
 
 The branch-weight gradient needs the layer input ``x``. Eager mode rebuilds it from what its

@@ -49,7 +49,7 @@ output that o_proj reads is a view of a tensor the attention kernel saved anyway
 
 Under ``torch.compile`` the autograd Function cannot run (it reads autograd nodes and data
 pointers): :mod:`consolidator_hf.compiled_path` wraps the same functions (:func:`forward_rows`,
-:func:`input_grad`, :func:`bias_grads`, :func:`branch_weight_grad`) in two custom ops, so the
+:func:`gradients`) in two custom ops, so the
 compiled step computes exactly this design, and leaves rebuilding the input to the compiler.
 """
 
