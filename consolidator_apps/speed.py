@@ -155,8 +155,9 @@ def median_time(fn, repeats: int, device) -> float:
 
 def _probe_layers(device, features: int, rows: int):
     """``LayerNorm``, input, output gradient and the probed layers: a frozen ``nn.Linear`` with a
-    trainable bias (what the floor runs), and a ``ConsolidatorLinear`` (2-channel blocks, drop
-    0.1) per ``impl``."""
+    trainable bias (what the floor runs), a ``ConsolidatorLinear`` (2-channel blocks, drop
+    0.1) per ``impl``, and the fast one at drop 0 (``fast_nodrop``: what the drop corrections
+    on the rows of dropped samples add is the difference to ``fast``)."""
     import torch
 
     from consolidator_hf import ConsolidatorLinear
@@ -166,9 +167,10 @@ def _probe_layers(device, features: int, rows: int):
     x = torch.randn(rows // 4, 4, features, device=device, requires_grad=True)
     grad = torch.randn(rows // 4, 4, features, device=device)
     layers = {"plain": torch.nn.Linear(features, features)}
-    for impl in ("fast", "reference"):
-        layers[impl] = ConsolidatorLinear(torch.nn.Linear(features, features), (features // 2,),
-                                          drop_rate=0.1, impl=impl).train()
+    for name, impl, drop in (("fast", "fast", 0.1), ("fast_nodrop", "fast", 0.0),
+                             ("reference", "reference", 0.1)):
+        layers[name] = ConsolidatorLinear(torch.nn.Linear(features, features), (features // 2,),
+                                          drop_rate=drop, impl=impl).train()
     for layer in layers.values():
         layer.to(device)
         for name, param in layer.named_parameters():

@@ -87,7 +87,7 @@ def _step_inputs(x: torch.Tensor, w0: torch.Tensor, keep: Optional[torch.Tensor]
         flags = fast_path.keep_flags(keep)
     spec = fast_path.make_spec(geometries, flags, x.shape[0], drop_rate)
     union, positions = _union(tuple(w0.shape), geometries, w0.device)
-    return spec, fast_path.union_state(w0, union, positions)
+    return spec, fast_path.union_state(w0, union, positions, geometries)
 
 
 def _none_if_empty(biases: Sequence[torch.Tensor], n: int) -> List[Optional[torch.Tensor]]:

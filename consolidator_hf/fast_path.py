@@ -55,8 +55,8 @@ compiled step computes exactly this design, and leaves rebuilding the input to t
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from contextlib import nullcontext
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -90,13 +90,18 @@ class UnionState(NamedTuple):
     own order, so its compact weight maps onto it without a gather); ``positions[k]``: where
     branch ``k``'s entries sit in ``union`` (``None`` when they are ``union`` itself);
     ``original``: ``W0`` read on ``union`` in fp32 or wider; ``native``: the same in ``W0``'s
-    dtype, to restore it bit for bit.
+    dtype, to restore it bit for bit; ``plans[k]``: branch ``k``'s
+    :class:`~consolidator_hf.grouped.BlockPlan` (asked for once here, not on every call);
+    ``flat``: ``W0.data`` as a flat view, what the patch writes through (``None`` when ``W0`` is
+    not contiguous).
     """
 
     union: torch.Tensor
     positions: List[Optional[torch.Tensor]]
     original: torch.Tensor
     native: torch.Tensor
+    plans: Tuple[grouped.BlockPlan, ...]
+    flat: Optional[torch.Tensor]
 
 
 class UnionCache:
@@ -113,7 +118,7 @@ class UnionCache:
         key = (w0.device, w0.dtype, w0.data_ptr(), w0._version)
         if self._state is None or self._key != key:
             union, positions = union_index(tuple(w0.shape), tuple(geometries), w0.device)
-            self._key, self._state = key, union_state(w0, union, positions)
+            self._key, self._state = key, union_state(w0, union, positions, geometries)
         return self._state
 
 
@@ -129,12 +134,31 @@ def union_index(shape: Tuple[int, int], geometries: Tuple[Geometry, ...], device
     return union, [torch.searchsorted(union, i) for i in idxs]
 
 
-def union_state(w0: torch.Tensor, union: torch.Tensor,
-                positions: List[Optional[torch.Tensor]]) -> UnionState:
+def union_state(w0: torch.Tensor, union: torch.Tensor, positions: List[Optional[torch.Tensor]],
+                geometries: Sequence[Geometry]) -> UnionState:
     """:class:`UnionState` of ``W0`` as it is now (its entries on ``union`` read once)."""
     native = w0.detach().reshape(-1).index_select(0, union)
-    wide = native.to(torch.promote_types(native.dtype, torch.float32))
-    return UnionState(union, positions, wide, native)
+    wide = native.to(_wide(native.dtype))
+    out_f, in_f = w0.shape
+    plans = tuple(grouped.block_plan(in_f, out_f, g.groups, row_offset=g.row_offset,
+                                     virtual_out_features=g.virtual_out_features)
+                  for g in geometries)
+    # Through .data: the patch must not bump the version counter autograd checks on W0
+    # (see _patched_matmul).
+    flat = w0.data.view(-1) if w0.is_contiguous() else None
+    return UnionState(union, positions, wide, native, plans, flat)
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """Where sums run: fp32, or float64 for float64 (``promote_types(dtype, float32)`` for
+    the float dtypes, without its dispatch)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; a no-op ``.to`` still costs a dispatch, and the fast path's host
+    time per layer is made of such calls."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 # ------------------------------------------------------------------ the patched weight
@@ -148,31 +172,28 @@ def _patch(state: UnionState, b0: Optional[torch.Tensor], weights: Sequence[torc
     values, bias = grouped.merged_linear(
         state.original, b0, weights, biases,
         scale=scale, positions=state.positions)
-    return values.to(dtype), (bias.to(dtype) if bias is not None else None)
+    return _as(values, dtype), (_as(bias, dtype) if bias is not None else None)
 
 
-@contextmanager
-def patched_weight(w0: torch.Tensor, state: UnionState, values: torch.Tensor,
-                   dtype: torch.dtype) -> Iterator[torch.Tensor]:
-    """``W0`` with ``values`` written on the union support, in ``dtype``, for a ``with`` block.
+def _patched_matmul(fn: Callable[[torch.Tensor], torch.Tensor], w0: torch.Tensor,
+                    state: UnionState, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``fn(W)`` for ``W``: ``W0`` with ``values`` written on the union support, in ``dtype``.
 
     When ``dtype`` is the base weight's dtype the base weight itself is patched and restored
-    exactly on exit (no dense copy); otherwise the patch goes into the cast copy the GEMM needs
-    anyway.
+    exactly afterwards (no dense copy); otherwise the patch goes into the cast copy the GEMM
+    needs anyway.
     """
-    in_place = w0.dtype == dtype and w0.is_contiguous()
-    if not in_place:
+    flat = state.flat
+    if w0.dtype != dtype or flat is None:
         target = w0.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
         target.view(-1).index_copy_(0, state.union, values)
-        yield target
-        return
-    # Through .data: the original entries are back before anything else can read W0, so the
-    # patch must not bump the version counter autograd checks on W0 (a frozen weight saved by
-    # some other op would otherwise raise on backward).
-    flat = w0.data.view(-1)
+        return fn(target)
+    # Through W0.data (state.flat): the original entries are back before anything else can
+    # read W0, so the patch must not bump the version counter autograd checks on W0 (a frozen
+    # weight saved by some other op would otherwise raise on backward).
     flat.index_copy_(0, state.union, values)
     try:
-        yield w0
+        return fn(w0)
     finally:
         flat.index_copy_(0, state.union, state.native)
 
@@ -223,13 +244,23 @@ def make_spec(geometries: Sequence[Geometry], keep: Optional[Sequence[Sequence[b
 
 class _Step(NamedTuple):
     """What backward needs of a forward besides saved tensors: the spec, where the branches sit
-    in ``W0``, the patched values, the compute dtype and the batch size."""
+    in ``W0``, the patched values, the compute dtype, the batch size, and per branch that some
+    sample dropped its :func:`grouped.block_diagonal` in the compute dtype (else ``None``)."""
 
     spec: _Spec
     state: UnionState
     patch: torch.Tensor
     dtype: torch.dtype
     batch: int
+    diagonals: Tuple[Optional[torch.Tensor], ...]
+
+
+def _diagonals(spec: _Spec, state: UnionState, weights: Sequence[torch.Tensor],
+               dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], ...]:
+    """The block diagonals of the branches some sample dropped (what the corrections multiply
+    by), formed once for a forward and its backward."""
+    return tuple(grouped.block_diagonal(_as(weights[k], dtype), state.plans[k]) if runs else None
+                 for k, runs in enumerate(spec.dropped))
 
 
 def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Tensor,
@@ -239,16 +270,17 @@ def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Ten
     """``y = x W^T + b`` through the patched weight, then every dropped sample's branches taken
     back out of its rows; ``xc`` is ``(batch, ..., in)`` in ``dtype``, contiguous."""
     values, bias = _patch(state, b0, weights, biases, spec.scale, dtype)
-    with patched_weight(w0, state, values, dtype) as w:
-        y = F.linear(xc, w, bias)
+    y = _patched_matmul(lambda w: F.linear(xc, w, bias), w0, state, values, dtype)
+    diagonals = _diagonals(spec, state, weights, dtype)
     for k, runs in enumerate(spec.dropped):
-        geom, w_k, c_k = spec.geometries[k], weights[k].to(dtype), biases[k]
+        geom, c_k = spec.geometries[k], biases[k]
         for a, b in runs:  # take branch k back out of the samples that dropped it
-            part = grouped.grouped_forward_blocks(_rows(xc[a:b]), w_k, **geom._asdict())
+            part = grouped.forward_blocks(_rows(xc[a:b]), diagonals[k], w0.shape[0],
+                                          state.plans[k], geom.groups, geom.channel_shuffle)
             if c_k is not None:
-                part = part + c_k.to(dtype)
+                part = part + _as(c_k, dtype)
             _rows(y[a:b]).sub_(part, alpha=spec.scale)
-    return y, _Step(spec, state, values, dtype, xc.shape[0])
+    return y, _Step(spec, state, values, dtype, xc.shape[0], diagonals)
 
 
 def backward_step(spec: _Spec, state: UnionState, b0: Optional[torch.Tensor],
@@ -257,25 +289,23 @@ def backward_step(spec: _Spec, state: UnionState, b0: Optional[torch.Tensor],
     """The :class:`_Step` :func:`forward_rows` returned, rebuilt from the same inputs (the
     compiled ops keep no Python state between forward and backward)."""
     values, _ = _patch(state, b0, weights, biases, spec.scale, dtype)
-    return _Step(spec, state, values, dtype, batch)
+    return _Step(spec, state, values, dtype, batch, _diagonals(spec, state, weights, dtype))
 
 
-def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor,
-               weights: Sequence[torch.Tensor]) -> torch.Tensor:
+def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     """``g W`` through the patched weight, minus ``s (B_k P_k)^T g`` on the rows of the
     samples that dropped branch ``k`` (the transpose of the forward's correction):
     ``(rows, in)``."""
     spec, dtype = step.spec, step.dtype
     g2 = _rows(g)
     tokens = g2.shape[0] // step.batch  # rows per sample
-    with patched_weight(w0, step.state, step.patch, dtype) as w:
-        grad_x = torch.mm(g2, w)
+    grad_x = _patched_matmul(lambda w: torch.mm(g2, w), w0, step.state, step.patch, dtype)
     for k, runs in enumerate(spec.dropped):
-        w_k = weights[k].to(dtype)
         for a, b in runs:
             rows = slice(a * tokens, b * tokens)
-            part = grouped.grouped_input_grad(g2[rows], w_k, w0.shape[1],
-                                              **spec.geometries[k]._asdict())
+            part = grouped.input_grad_blocks(g2[rows], step.diagonals[k], w0.shape[1],
+                                             step.state.plans[k],
+                                             spec.geometries[k].channel_shuffle)
             grad_x[rows].sub_(part, alpha=spec.scale)
     return grad_x
 
@@ -285,7 +315,7 @@ def bias_grads(step: _Step, g: torch.Tensor) -> Tuple[torch.Tensor, List[torch.T
     base bias sees every sample, a branch bias the samples that kept it (the total minus the
     dropped samples' rows, from the host's runs: no mask tensor needed)."""
     spec = step.spec
-    acc = torch.promote_types(g.dtype, torch.float32)
+    acc = _wide(g.dtype)
     total = _rows(g).sum(0, dtype=acc)
     if not any(spec.dropped):
         return total, [total if spec.scale == 1.0 else total * spec.scale] * len(spec.dropped)
@@ -307,13 +337,14 @@ def branch_weight_grad(step: _Step, g2: torch.Tensor, x_rows, k: int, shape: tor
     tokens = g2.shape[0] // step.batch
     ranges = [(a * tokens, b * tokens) for a, b in step.spec.kept[k]]
     if not ranges:
-        return torch.zeros(shape, dtype=torch.promote_types(g2.dtype, torch.float32),
-                           device=g2.device)
-    gw = grouped.grouped_weight_grad(g2, x_rows, **step.spec.geometries[k]._asdict(),
-                                     row_ranges=ranges, in_features=in_features)
+        return torch.zeros(shape, dtype=_wide(g2.dtype), device=g2.device)
+    geom = step.spec.geometries[k]
+    gw = grouped.weight_grad_blocks(g2, x_rows, step.state.plans[k], geom.groups,
+                                    geom.channel_shuffle, in_features,
+                                    None if ranges == [(0, g2.shape[0])] else ranges)
     if step.spec.scale != 1.0:
         # a fresh tensor, scaled in place, in fp32 or wider
-        gw = gw.to(torch.promote_types(gw.dtype, torch.float32)).mul_(step.spec.scale)
+        gw = _as(gw, _wide(gw.dtype)).mul_(step.spec.scale)
     return gw
 
 
@@ -351,7 +382,7 @@ def gradients(step: _Step, g: torch.Tensor, w0: torch.Tensor, weights: Sequence[
     ``W0``, the dense ``g^T x``. ``x_rows()`` gives the layer input as ``(rows, in)`` or a
     ``(start, stop) -> rows`` function; it is called only when a weight gradient needs it."""
     n = len(weights)
-    grad_x = input_grad(step, g, w0, weights) if needs.x else None
+    grad_x = input_grad(step, g, w0) if needs.x else None
     grad_b0, grad_c = None, [None] * len(needs.biases)
     if needs.b0 or any(needs.biases):
         total, per_branch = bias_grads(step, g)
@@ -388,7 +419,7 @@ class _MergedBranchLinear(torch.autograd.Function):
         weights, biases = branch_params[:n], branch_params[n:]
         dtype = _compute_dtype(x)
         with _autocast_off(x.device.type):
-            xc = x.to(dtype).contiguous()
+            xc = _as(x, dtype).contiguous()
             y, step = forward_rows(spec, state, xc, w0, b0, weights, biases, dtype)
         needs = _needs(ctx, n)
         if not needs.x_rows and rebuild is not None:
@@ -417,18 +448,18 @@ class _MergedBranchLinear(torch.autograd.Function):
 
         def x_rows():
             if ctx.rebuild is None:
-                return _rows(saved_x.to(step.dtype))
+                return _rows(_as(saved_x, step.dtype))
             return ctx.rebuild.rows(rebuild_tensors, step.dtype)
 
         with _autocast_off(grad_out.device.type):
-            g = grad_out.to(step.dtype).contiguous()
+            g = _as(grad_out, step.dtype).contiguous()
             grads = gradients(step, g, w0, weights, x_rows, needs)
-        grad_x = grads.x.view(ctx.x_shape).to(ctx.x_dtype) if grads.x is not None else None
-        grad_w0 = grads.w0.to(w0_dtype) if grads.w0 is not None else None
-        grad_b0 = grads.b0.to(b0_dtype) if grads.b0 is not None else None
-        grad_weights = [t.to(weight_dtypes[k]) if t is not None else None
+        grad_x = _as(grads.x.view(ctx.x_shape), ctx.x_dtype) if grads.x is not None else None
+        grad_w0 = _as(grads.w0, w0_dtype) if grads.w0 is not None else None
+        grad_b0 = _as(grads.b0, b0_dtype) if grads.b0 is not None else None
+        grad_weights = [_as(t, weight_dtypes[k]) if t is not None else None
                         for k, t in enumerate(grads.weights)]
-        grad_biases = [t.to(bias_dtypes[k]) if t is not None else None
+        grad_biases = [_as(t, bias_dtypes[k]) if t is not None else None
                        for k, t in enumerate(grads.biases)]
         return (None,) * _N_META + (grad_x, grad_w0, grad_b0, *grad_weights, *grad_biases)
 

@@ -63,8 +63,13 @@ __all__ = [
     "grouped_input_grad",
     "block_plan",
     "BlockPlan",
+    "forward_blocks",
+    "input_grad_blocks",
+    "weight_grad_blocks",
     "keep_mask",
     "keep_masks",
+    "keep_draw",
+    "block_diagonal",
 ]
 
 
@@ -111,21 +116,26 @@ def merged_linear(
     ``None`` and no branch has a bias.
     """
     acc = torch.promote_types(w0.dtype, torch.float32)
-    w = w0.to(acc)
+    # (``.to`` only where the dtype differs: the fast path calls this on every step, and a
+    # no-op cast still costs a dispatch)
+    w = w0 if w0.dtype == acc else w0.to(acc)
     for k, d in enumerate(weight_deltas):
         pos = positions[k] if positions is not None else None
+        d = d if d.dtype == acc else d.to(acc)
         if pos is None:
-            w = torch.add(w, d.to(acc).reshape(w.shape), alpha=scale)
+            w = torch.add(w, d if d.shape == w.shape else d.reshape(w.shape), alpha=scale)
         else:
-            w = w.reshape(-1).index_add(0, pos, d.to(acc).reshape(-1), alpha=scale).view(w.shape)
+            w = w.reshape(-1).index_add(0, pos, d.reshape(-1), alpha=scale).view(w.shape)
     biases = [c for c in bias_deltas if c is not None]
     if b0 is None and not biases:
         return w, None
-    b = b0.to(acc) if b0 is not None else torch.zeros(w0.shape[0] if w0.dim() == 2 else
-                                                      biases[0].shape[0],
-                                                      dtype=acc, device=w0.device)
+    if b0 is not None:
+        b = b0 if b0.dtype == acc else b0.to(acc)
+    else:
+        b = torch.zeros(w0.shape[0] if w0.dim() == 2 else biases[0].shape[0], dtype=acc,
+                        device=w0.device)
     for c in biases:
-        b = torch.add(b, c.to(acc), alpha=scale)
+        b = torch.add(b, c if c.dtype == acc else c.to(acc), alpha=scale)
     return w, b
 
 
@@ -281,12 +291,19 @@ def keep_masks(batch: int, branches: int, drop_rate: float, *, device=None,
     """``branches`` per-sample masks at once, ``(batch, branches)`` fp32 on ``device`` (default
     the CPU): column ``k`` holds the numbers of the ``k``-th of as many consecutive
     :func:`keep_mask` draws on that device."""
+    keep = keep_draw(batch, branches, drop_rate, device=device, generator=generator)
+    return keep.t().to(torch.float32) / (1.0 - drop_rate)
+
+
+def keep_draw(batch: int, branches: int, drop_rate: float, *, device=None,
+              generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """The draw behind :func:`keep_masks`: ``(branches, batch)`` booleans, row ``k`` whether
+    each sample keeps branch ``k`` (what the eager fast path reads as host flags)."""
     # generator=None is not passed on: that overload of rand rejects a symbolic batch size
     # (torch.compile with dynamic shapes, e.g. a smaller last batch).
     shape = (branches, batch)
-    keep = (torch.rand(shape, device=device) if generator is None else
+    return (torch.rand(shape, device=device) if generator is None else
             torch.rand(shape, device=device, generator=generator)) >= drop_rate
-    return keep.t().to(torch.float32) / (1.0 - drop_rate)
 
 
 @_accepts_virtual_out
@@ -355,11 +372,12 @@ def _input_blocks(x: torch.Tensor, groups: int, channel_shuffle: bool, plan: Blo
     """``(batches, n, c*s)`` view of the (shuffled) input slices the plan's groups read."""
     n, s = x.shape[0], plan.s
     xs = _shuffle_channels(x, groups) if channel_shuffle else x
-    xs = xs.reshape(n, groups * s)[:, plan.first * s:plan.last * s]
+    if plan.first != 0 or plan.last != groups:
+        xs = xs[:, plan.first * s:plan.last * s]
     return xs.reshape(n, plan.batches, plan.c * s).transpose(0, 1)
 
 
-def _block_diagonal(weight: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
+def block_diagonal(weight: torch.Tensor, plan: BlockPlan) -> torch.Tensor:
     """``(batches, c*s, c*rows)``: each batch's c blocks ``B_q^T`` on the diagonal, zeros off it."""
     b, c, r, s = plan.batches, plan.c, plan.rows, plan.s
     w = torch.nn.functional.pad(weight, (0, 0, plan.lead, plan.trail)) if plan.lead or plan.trail \
@@ -381,9 +399,19 @@ def grouped_forward_blocks(
     """
     plan = block_plan(x.shape[-1], weight.shape[0], groups, row_offset=row_offset,
                       virtual_out_features=virtual_out_features)
+    return forward_blocks(x, block_diagonal(weight, plan), weight.shape[0], plan, groups,
+                          channel_shuffle)
+
+
+def forward_blocks(x: torch.Tensor, diagonal: torch.Tensor, out_features: int, plan: BlockPlan,
+                   groups: int, channel_shuffle: bool) -> torch.Tensor:
+    """:func:`grouped_forward_blocks` with its :class:`BlockPlan` and the weight's
+    :func:`block_diagonal` given (the fast path forms them once for a forward and its
+    backward instead of on every call)."""
     n = x.shape[0]
-    y = torch.bmm(_input_blocks(x, groups, channel_shuffle, plan), _block_diagonal(weight, plan))
-    return y.transpose(0, 1).reshape(n, -1)[:, plan.lead:plan.lead + weight.shape[0]]
+    y = torch.bmm(_input_blocks(x, groups, channel_shuffle, plan), diagonal)
+    y = y.transpose(0, 1).reshape(n, -1)
+    return y[:, plan.lead:plan.lead + out_features] if y.shape[1] != out_features else y
 
 
 @_accepts_virtual_out
@@ -397,15 +425,22 @@ def grouped_input_grad(
     ``grad[:, q*s + j] (shuffled) = sum_{o in group q} grad_out[:, o] * weight[o, j]``, then the
     shuffle is undone (shuffling with ``s`` groups inverts shuffling with ``g``).
     """
-    out_features = weight.shape[0]
-    plan = block_plan(in_features, out_features, groups, row_offset=row_offset,
+    plan = block_plan(in_features, weight.shape[0], groups, row_offset=row_offset,
                       virtual_out_features=virtual_out_features)
+    return input_grad_blocks(grad_out, block_diagonal(weight, plan), in_features, plan,
+                             channel_shuffle)
+
+
+def input_grad_blocks(grad_out: torch.Tensor, diagonal: torch.Tensor, in_features: int,
+                      plan: BlockPlan, channel_shuffle: bool) -> torch.Tensor:
+    """:func:`grouped_input_grad` with its :class:`BlockPlan` and the weight's
+    :func:`block_diagonal` given."""
     n, s = grad_out.shape[0], plan.s
     g = grad_out
     if plan.lead or plan.trail:
         g = torch.nn.functional.pad(g, (plan.lead, plan.trail))
     g_blocks = g.reshape(n, plan.batches, plan.c * plan.rows).transpose(0, 1)
-    part = torch.bmm(g_blocks, _block_diagonal(weight, plan).transpose(1, 2))  # (b, n, c*s)
+    part = torch.bmm(g_blocks, diagonal.transpose(1, 2))  # (b, n, c*s)
     part = part.transpose(0, 1).reshape(n, -1)
     if plan.first != 0 or plan.last * s != in_features:
         full = grad_out.new_zeros(n, in_features)
@@ -443,19 +478,30 @@ def grouped_weight_grad(
     """
     n, out_features = grad_out.shape
     if isinstance(x, torch.Tensor):
-        in_features, tensor = x.shape[-1], x
-        x = lambda a, b: tensor[a:b]  # noqa: E731
+        in_features = x.shape[-1]
     elif in_features is None:
         raise ValueError("grouped_weight_grad: in_features is required when x is a function")
     plan = block_plan(in_features, out_features, groups, row_offset=row_offset,
                       virtual_out_features=virtual_out_features)
+    return weight_grad_blocks(grad_out, x, plan, groups, channel_shuffle, in_features,
+                              row_ranges)
+
+
+def weight_grad_blocks(grad_out: torch.Tensor, x: RowSource, plan: BlockPlan, groups: int,
+                       channel_shuffle: bool, in_features: int,
+                       row_ranges: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
+    """:func:`grouped_weight_grad` with its :class:`BlockPlan` given."""
+    n, out_features = grad_out.shape
+    if isinstance(x, torch.Tensor):
+        tensor = x
+        x = lambda a, b: tensor if (a, b) == (0, n) else tensor[a:b]  # noqa: E731
     b, c, r, s = plan.batches, plan.c, plan.rows, plan.s
     chunk = max(1, _CHUNK_BYTES // (grad_out.element_size() * (in_features + out_features)))
     full = None
     for start, stop in ([(0, n)] if row_ranges is None else row_ranges):
         for a in range(start, stop, chunk):
             e = min(a + chunk, stop)
-            gs = grad_out[a:e]
+            gs = grad_out if (a, e) == (0, n) else grad_out[a:e]
             if plan.lead or plan.trail:
                 gs = torch.nn.functional.pad(gs, (plan.lead, plan.trail))
             g_blocks = gs.reshape(e - a, b, c * r).permute(1, 2, 0)
@@ -468,4 +514,6 @@ def grouped_weight_grad(
         full = grad_out.new_zeros(b, c * r, c * s)
     blocks = full.view(b, c, r, c, s).diagonal(dim1=1, dim2=3)  # (b, rows, s, c)
     blocks = blocks.permute(0, 3, 1, 2)  # (b, c, rows, s): group first + b*c + i
-    return blocks.reshape(-1, s)[plan.lead:plan.lead + out_features]
+    blocks = blocks.reshape(-1, s)
+    return blocks[plan.lead:plan.lead + out_features] if blocks.shape[0] != out_features \
+        else blocks

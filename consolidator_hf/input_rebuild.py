@@ -89,15 +89,24 @@ class InputRebuild:
                       ) -> Callable[[int, int], torch.Tensor]:
         if self.kind == "gelu":
             u = as_rows(tensors[0])
-            return lambda a, b: F.gelu(u[a:b], approximate=self.approximate)
+            n = u.shape[0]
+            return lambda a, b: F.gelu(u if (a, b) == (0, n) else u[a:b],
+                                       approximate=self.approximate)
         u, mean, rstd, weight, bias = tensors
         u, mean, rstd = as_rows(u), mean.reshape(-1, 1), rstd.reshape(-1, 1)
+        n = u.shape[0]
         shift = -mean * rstd  # (u - mean) * rstd = u * rstd + shift: one pass over u
+        wide = rstd.dtype
 
         def layer_norm_rows(a: int, b: int) -> torch.Tensor:
             # mean/rstd are fp32 for low-precision inputs: compute there and round once, as
-            # the LayerNorm kernel does.
-            x = torch.addcmul(shift[a:b], u[a:b].to(rstd.dtype), rstd[a:b])
+            # the LayerNorm kernel does (chunk by chunk, so no wide copy of u exists whole);
+            # no slices for all rows (each is a dispatch)
+            if (a, b) == (0, n):
+                ua, sh, rs = u, shift, rstd
+            else:
+                ua, sh, rs = u[a:b], shift[a:b], rstd[a:b]
+            x = torch.addcmul(sh, ua if ua.dtype == wide else ua.to(wide), rs)
             if weight is not None and bias is not None:
                 return torch.addcmul(bias, x, weight, out=x)
             if weight is not None:
@@ -115,7 +124,10 @@ class InputRebuild:
         shared = self.readers > 1 or self._shared is not None
         self.readers -= 1
         if not shared:
-            return lambda a, b: fn(a, b).to(out_dtype).to(dtype)
+            def rows(a: int, b: int) -> torch.Tensor:
+                r = fn(a, b)  # rounded to the input's dtype, then cast to the compute dtype
+                return r if r.dtype == out_dtype == dtype else r.to(out_dtype).to(dtype)
+            return rows
         x = self._shared
         if x is None:
             x = fn(0, as_rows(tensors[0]).shape[0]).to(out_dtype)

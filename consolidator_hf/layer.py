@@ -13,7 +13,6 @@ from torch import nn
 
 from . import grouped
 from . import compiled_path
-from . import fast_path
 from .fast_path import UnionCache, fast_linear
 from .grouped import Geometry
 from .config import IMPLS  # "fast" (one merged-weight GEMM, default) | "reference" (the oracle)
@@ -190,8 +189,11 @@ class ConsolidatorLinear(nn.Module):
             return compiled_path.compiled_linear(x, base.weight, base.bias, weights, biases,
                                                  self.geometries, self.host_masks(batch),
                                                  self.drop_rate)
-        masks = self.host_masks(batch)
-        keep = fast_path.keep_flags(masks) if masks is not None else None
+        keep = None
+        if self.training and self.drop_rate > 0:
+            # host_masks' draw, read as host flags straight away (no mask tensor built)
+            # (host memory: numpy, not Tensor.tolist, which reads a tensor's value)
+            keep = grouped.keep_draw(batch, len(self.branches), self.drop_rate).numpy().tolist()
         return fast_linear(x, base.weight, base.bias, weights, biases, self.geometries, keep,
                            self.drop_rate, self._union_cache)
 

@@ -360,7 +360,7 @@ def markdown_table(report: Dict[str, Any]) -> str:
     lines += ["", "| host time per adapted layer, fwd+bwd (64 features, 32 rows) | µs | × plain | "
                   f"extra per step ({inf['adapted_layers']} layers), ms | aten ops fwd + bwd | × plain |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for k in ("plain", "fast", "reference"):
+    for k in [k for k in ("plain", "fast", "fast_nodrop", "reference") if k in o]:
         extra = (o[k] - o["plain"]) * inf["adapted_layers"] / 1e3
         n = ops.get(k)
         count = (f"{n['forward']:.0f} + {n['backward']:.0f} | {n['total'] / ops['plain']['total']:.2f}"
@@ -398,8 +398,9 @@ def write_chart(report: Dict[str, Any], path: str) -> None:
     axes[2].axhline(1.0, color="k", lw=0.8)
     axes[2].set_title("inference time / plain model")
     if overhead:
-        keys = ["plain", "fast", "reference"]
-        axes[3].bar(keys, [overhead[k] for k in keys], color=["grey", "C0", "C1"])
+        keys = [k for k in ("plain", "fast", "fast_nodrop", "reference") if k in overhead]
+        axes[3].bar(keys, [overhead[k] for k in keys], color=["grey"] + ["C0"] * (len(keys) - 2)
+                    + ["C1"])
         axes[3].set_title("host time per adapted layer, fwd+bwd (µs)")
         for i, k in enumerate(keys):
             axes[3].text(i, overhead[k], f"{overhead[k]:.0f}", ha="center", va="bottom", fontsize=8)
