@@ -19,7 +19,8 @@ from .io import load_safetensors, resolve_file, write_folder
 from .config import WEIGHTS_NAME, ConsolidatorConfig
 from .drop_path import BackboneDropPath, add_backbone_drop_path
 from .layer import ConsolidatorLinear, merge_is_finite
-from .storage import check_metadata, match_adapter_keys, write_adapter_file
+from .adapter_state import adapter_tensors, load_adapter_state, stores_layer_bias
+from .storage import write_adapter_file
 from .targets import default_target_modules, is_norm, linear_names, name_matches, qkv_modules
 
 def _matches(name: str, spec: Union[List[str], str]) -> bool:
@@ -248,10 +249,7 @@ class ConsolidatorModel(nn.Module):
         return {"trainable": trainable, "branch": branch, "stored": stored, "base": base}
 
     def _stores_layer_bias(self, layer: ConsolidatorLinear) -> bool:
-        """A consolidated adapter stores the layer's bias when training can change it:
-        branch biases fold into it, or the base bias itself trains."""
-        cfg = self.consolidator_config
-        return cfg.branch_bias or (cfg.train_bias and layer.base_layer.bias is not None)
+        return stores_layer_bias(self, layer)
 
     def print_trainable_parameters(self) -> None:
         c = self.parameter_counts()
@@ -392,36 +390,8 @@ class ConsolidatorModel(nn.Module):
 
     # ------------------------------------------------------------------ storage
     def _adapter_tensors(self, consolidate: bool) -> Dict[str, torch.Tensor]:
-        """What training changed, keyed by base-model module paths. Never a frozen tensor."""
-        tensors: Dict[str, torch.Tensor] = {}
-        layer_bias_names = set()
-        for name, layer in self.consolidator_layers():
-            if layer.merged:
-                raise ValueError(f"{name} is merged; unmerge_adapter() before saving the adapter")
-            if layer.disabled:  # the in-place tensors hold the base values in there
-                raise ValueError(f"{name}: cannot save the adapter inside disable_adapter()")
-            bias_changes = self._stores_layer_bias(layer)
-            base_bias = layer.base_layer.bias
-            if consolidate:
-                _, values = layer.consolidated()
-                tensors[f"{name}.delta"] = values.to(layer.branches[0].weight.dtype)
-                if bias_changes:
-                    b = layer.delta_bias()
-                    if b is None:
-                        b = base_bias.float()
-                    elif base_bias is not None:
-                        b = b + base_bias.float()
-                    dtype = base_bias.dtype if base_bias is not None else layer.branches[0].weight.dtype
-                    tensors[f"{name}.bias"] = b.to(dtype)
-                    layer_bias_names.add(f"{name}.bias")
-            else:
-                for k, branch in enumerate(layer.branches):
-                    for pname, p in branch.named_parameters():
-                        tensors[f"{name}.branches.{k}.{pname}"] = p.detach()
-        for pname, p in self.trained_base_parameters():
-            if pname not in layer_bias_names:
-                tensors[pname] = p.detach()
-        return tensors
+        """What training changed, keyed by base-model module paths (:func:`adapter_tensors`)."""
+        return adapter_tensors(self, consolidate)
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], *,
                         consolidate: bool = True) -> None:
@@ -478,30 +448,8 @@ class ConsolidatorModel(nn.Module):
     def _model_type(self) -> str:
         return getattr(getattr(self.base_model, "config", None), "model_type", "") or ""
 
-    @torch.no_grad()
     def load_adapter_state(self, tensors: Dict[str, torch.Tensor], metadata: Dict[str, str],
                            source: str = "adapter") -> None:
-        """Load tensors written by :meth:`save_pretrained` (either storage form)."""
-        model_type = self._model_type()
-        consolidated = check_metadata(metadata, model_type, source)
-        expected = self._adapter_tensors(consolidate=consolidated)
-        remapped = match_adapter_keys(tensors, expected, model_type, source,
-                                      type(self.base_model).__name__)
-        layers = dict(self.consolidator_layers())
-        params = {n.replace(".base_layer.", "."): p for n, p in self.base_model.named_parameters()}
-        # Deltas first: splitting a delta zeroes the branch biases, which a stored bias may refill.
-        for key, value in sorted(remapped.items(), key=lambda kv: not kv[0].endswith(".delta")):
-            if key.endswith(".delta") and key[: -len(".delta")] in layers:
-                layers[key[: -len(".delta")]].load_consolidated(value)
-                continue
-            layer_name = key.rsplit(".", 1)[0]
-            if consolidated and key.endswith(".bias") and layer_name in layers:
-                layer = layers[layer_name]
-                if layer.base_layer.bias is None:
-                    # Branch biases but no base bias: the stored bias is sum_k c_k.
-                    layer.branches[0].bias.copy_(value.to(layer.branches[0].bias.dtype))
-                    continue
-            param = params.get(key)
-            if param is None:  # branch parameters of an unconsolidated file
-                param = self.base_model.get_parameter(key)
-            param.copy_(value.to(param.dtype))
+        """Load tensors written by :meth:`save_pretrained`, either storage form
+        (:func:`consolidator_hf.adapter_state.load_adapter_state`)."""
+        load_adapter_state(self, tensors, metadata, source)
