@@ -106,7 +106,9 @@ class UnionState(NamedTuple):
 
 class UnionCache:
     """One layer's :class:`UnionState`, rebuilt when ``W0`` moves, is replaced or changes in
-    place (its device, dtype, storage or version counter differ from the cached key)."""
+    place (its device, dtype, storage object, data pointer or version counter differ from the
+    cached key). The state's ``flat`` view keeps the cached storage alive, so a new storage
+    cannot take its address and pass for it."""
 
     __slots__ = ("_key", "_state")
 
@@ -115,7 +117,8 @@ class UnionCache:
         self._state: Optional[UnionState] = None
 
     def get(self, w0: torch.Tensor, geometries: Sequence[Geometry]) -> UnionState:
-        key = (w0.device, w0.dtype, w0.data_ptr(), w0._version)
+        # untyped_storage()._cdata: the storage object's identity, read without a dispatch
+        key = (w0.device, w0.dtype, w0.untyped_storage()._cdata, w0.data_ptr(), w0._version)
         if self._state is None or self._key != key:
             union, positions = union_index(tuple(w0.shape), tuple(geometries), w0.device)
             self._key, self._state = key, union_state(w0, union, positions, geometries)
@@ -188,9 +191,11 @@ def _patched_matmul(fn: Callable[[torch.Tensor], torch.Tensor], w0: torch.Tensor
         target = w0.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
         target.view(-1).index_copy_(0, state.union, values)
         return fn(target)
-    # Through W0.data (state.flat): the original entries are back before anything else can
-    # read W0, so the patch must not bump the version counter autograd checks on W0 (a frozen
-    # weight saved by some other op would otherwise raise on backward).
+    if flat.untyped_storage()._cdata != w0.untyped_storage()._cdata:
+        flat = w0.data.view(-1)  # not expected (the cache key holds the storage): a safety net
+    # Through W0.data: the original entries are back before anything else can read W0, so the
+    # patch must not bump the version counter autograd checks on W0 (a frozen weight saved by
+    # some other op would otherwise raise on backward).
     flat.index_copy_(0, state.union, values)
     try:
         return fn(w0)

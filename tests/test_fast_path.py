@@ -493,3 +493,31 @@ def test_unreadable_producer_falls_back_to_saving_the_input_with_one_warning(mon
         layer(norm(inp)).square().sum().backward()
         grads[impl] = layer.branches[0].weight.grad.clone()
     torch.testing.assert_close(grads["fast"], grads["reference"], rtol=1e-5, atol=1e-6)
+
+
+def test_union_cache_follows_the_base_weight_it_patches():
+    """The fast path caches W0's entries on the union support (and a view it patches through):
+    an in-place change of W0, a new tensor assigned to the parameter's ``.data`` and a replaced
+    parameter must each be seen on the next forward (results = reference), and W0 is left as
+    it was after every forward (no cached value written back over new weights)."""
+    torch.manual_seed(0)
+    layer = ConsolidatorLinear(nn.Linear(12, 24), (4, 2), drop_rate=0.0).train()
+    layer.base_layer.weight.requires_grad_(False)
+    x = torch.randn(3, 12)
+
+    def check():
+        before = layer.base_layer.weight.detach().clone()
+        y_fast, _, g_fast = _run(layer, "fast", x, 0)
+        y_ref, _, g_ref = _run(layer, "reference", x, 0)
+        assert _rel_err(y_fast, y_ref) < 1e-6
+        assert all(_rel_err(g_fast[k], g_ref[k]) < 1e-5 for k in g_ref)
+        assert torch.equal(layer.base_layer.weight, before)
+
+    check()
+    with torch.no_grad():
+        layer.base_layer.weight.mul_(-2.0)  # in place: the version counter moves
+    check()
+    layer.base_layer.weight.data = torch.randn(24, 12)  # a new storage behind the parameter
+    check()
+    layer.base_layer.weight = nn.Parameter(torch.randn(24, 12), requires_grad=False)
+    check()
