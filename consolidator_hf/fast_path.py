@@ -141,7 +141,7 @@ def union_state(w0: torch.Tensor, union: torch.Tensor, positions: List[Optional[
                 geometries: Sequence[Geometry]) -> UnionState:
     """:class:`UnionState` of ``W0`` as it is now (its entries on ``union`` read once)."""
     native = w0.detach().reshape(-1).index_select(0, union)
-    wide = native.to(_wide(native.dtype))
+    wide = native.to(grouped.sum_dtype(native.dtype))
     out_f, in_f = w0.shape
     plans = tuple(grouped.block_plan(in_f, out_f, g.groups, row_offset=g.row_offset,
                                      virtual_out_features=g.virtual_out_features)
@@ -150,12 +150,6 @@ def union_state(w0: torch.Tensor, union: torch.Tensor, positions: List[Optional[
     # (see _patched_matmul).
     flat = w0.data.view(-1) if w0.is_contiguous() else None
     return UnionState(union, positions, wide, native, plans, flat)
-
-
-def _wide(dtype: torch.dtype) -> torch.dtype:
-    """Where sums run: fp32, or float64 for float64 (``promote_types(dtype, float32)`` for
-    the float dtypes, without its dispatch)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -320,7 +314,7 @@ def bias_grads(step: _Step, g: torch.Tensor) -> Tuple[torch.Tensor, List[torch.T
     base bias sees every sample, a branch bias the samples that kept it (the total minus the
     dropped samples' rows, from the host's runs: no mask tensor needed)."""
     spec = step.spec
-    acc = _wide(g.dtype)
+    acc = grouped.sum_dtype(g.dtype)
     total = _rows(g).sum(0, dtype=acc)
     if not any(spec.dropped):
         return total, [total if spec.scale == 1.0 else total * spec.scale] * len(spec.dropped)
@@ -342,14 +336,13 @@ def branch_weight_grad(step: _Step, g2: torch.Tensor, x_rows, k: int, shape: tor
     tokens = g2.shape[0] // step.batch
     ranges = [(a * tokens, b * tokens) for a, b in step.spec.kept[k]]
     if not ranges:
-        return torch.zeros(shape, dtype=_wide(g2.dtype), device=g2.device)
+        return torch.zeros(shape, dtype=grouped.sum_dtype(g2.dtype), device=g2.device)
     geom = step.spec.geometries[k]
     gw = grouped.weight_grad_blocks(g2, x_rows, step.state.plans[k], geom.groups,
-                                    geom.channel_shuffle, in_features,
-                                    None if ranges == [(0, g2.shape[0])] else ranges)
+                                    geom.channel_shuffle, in_features, ranges)
     if step.spec.scale != 1.0:
         # a fresh tensor, scaled in place, in fp32 or wider
-        gw = _as(gw, _wide(gw.dtype)).mul_(step.spec.scale)
+        gw = _as(gw, grouped.sum_dtype(gw.dtype)).mul_(step.spec.scale)
     return gw
 
 

@@ -48,6 +48,7 @@ import torch
 __all__ = [
     "Geometry",
     "merged_linear",
+    "sum_dtype",
     "check_groups",
     "shuffle_permutation",
     "channel_shuffle",
@@ -99,6 +100,13 @@ def _accepts_virtual_out(fn):
     return wrapper
 
 
+def sum_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Where the sums here run: fp32, or float64 for float64 weights (what
+    ``torch.promote_types(dtype, torch.float32)`` gives for the float dtypes, without its
+    dispatch: the fast path asks on every step)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def merged_linear(
     w0: torch.Tensor, b0: Optional[torch.Tensor], weight_deltas: Sequence[torch.Tensor],
     bias_deltas: Sequence[Optional[torch.Tensor]], *, scale: float = 1.0,
@@ -115,7 +123,7 @@ def merged_linear(
     supports this way). ``b0`` may be ``None``; the bias is ``None`` only when ``b0`` is
     ``None`` and no branch has a bias.
     """
-    acc = torch.promote_types(w0.dtype, torch.float32)
+    acc = sum_dtype(w0.dtype)
     # (``.to`` only where the dtype differs: the fast path calls this on every step, and a
     # no-op cast still costs a dispatch)
     w = w0 if w0.dtype == acc else w0.to(acc)
