@@ -142,6 +142,11 @@ class ConsolidatorLinear(nn.Module):
             return self.forward_fast(x)
         return self.forward_reference(x)
 
+    @property
+    def drops(self) -> bool:
+        """Whether this forward draws branch drop masks (training with ``drop_rate > 0``)."""
+        return self.training and self.drop_rate > 0
+
     def draw_masks(self, batch: int, device=None) -> Optional[torch.Tensor]:
         """Per-sample keep masks ``(batch, K)`` (``1/(1-p)`` or 0) on ``device``, or ``None``
         when nothing drops.
@@ -152,7 +157,7 @@ class ConsolidatorLinear(nn.Module):
         synchronisation. Under ``torch.compile``: drawn on ``device`` as part of the graph
         (what the traced compiled formula multiplies every row by).
         """
-        if not (self.training and self.drop_rate > 0):
+        if not self.drops:
             return None
         k = len(self.branches)
         if torch.compiler.is_compiling():
@@ -168,7 +173,7 @@ class ConsolidatorLinear(nn.Module):
         """:meth:`draw_masks`'s numbers as a host (CPU) tensor, what the fast path reads: which
         samples dropped is then host knowledge, never a read of a device tensor (under
         ``torch.compile`` the draw is part of the graph, on the CPU)."""
-        if not (self.training and self.drop_rate > 0):
+        if not self.drops:
             return None
         return grouped.keep_masks(batch, len(self.branches), self.drop_rate)
 
@@ -190,7 +195,7 @@ class ConsolidatorLinear(nn.Module):
                                                  self.geometries, self.host_masks(batch),
                                                  self.drop_rate)
         keep = None
-        if self.training and self.drop_rate > 0:
+        if self.drops:
             # host_masks' draw, read as host flags straight away (no mask tensor built)
             # (host memory: numpy, not Tensor.tolist, which reads a tensor's value)
             keep = grouped.keep_draw(batch, len(self.branches), self.drop_rate).numpy().tolist()
