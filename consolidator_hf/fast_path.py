@@ -15,7 +15,10 @@ then has that branch taken back out of its rows, ``y[rows] -= s (B_k P_k x[rows]
 through the block structure (:func:`grouped.grouped_forward_blocks`: a few small matmuls on
 those rows only, about ``p`` of the batch), so the drop semantics hold per sample and per
 branch (a dropped row is ``x W^T - s B_k P_k x`` rather than ``x W0^T``: equal up to fp32
-rounding) and the big GEMM is never split. Which samples dropped is host knowledge, not a read
+rounding) and the big GEMM is never split. Dropped samples in one run are corrected through
+slices (views); in several runs (:data:`GATHER_RUNS`; about six per branch at batch 64 and drop
+0.1) through one gather of all of them (``index_select``, the block product, ``index_add_``),
+so the host work per layer does not grow with the batch. Which samples dropped is host knowledge, not a read
 of a device tensor: the layer draws the masks on the host (:meth:`ConsolidatorLinear.host_masks`)
 and hands :func:`fast_linear` only their keep flags (host booleans); no mask tensor reaches the
 device. Correcting every row by ``(m_k - s)`` instead (fixed shapes, what the traced compiled
@@ -36,7 +39,9 @@ Gradients (``g`` the output gradient, ``m_k`` the per-sample mask, ``1/(1-p)`` o
   ``s (B_k P_k)^T g[rows]`` on the rows that dropped branch ``k``
   (:func:`grouped.grouped_input_grad`);
 * branch weight ``k``: :func:`grouped.grouped_weight_grad` over the rows that kept branch
-  ``k``, times ``s``: batched matmuls over the groups, never a dense ``(out, in)`` gradient;
+  ``k``, times ``s``: batched matmuls over the groups, never a dense ``(out, in)`` gradient
+  (kept samples in several runs with the dropped ones gathered: all rows minus the dropped
+  samples' rows, two passes however the kept samples are spread);
 * base bias: ``sum_n g``; branch bias ``k``: ``sum_n m_k[n] g[n]``;
 * ``W0`` (only if someone unfroze it): the dense ``g^T x``.
 
@@ -64,7 +69,7 @@ from torch.autograd.function import once_differentiable
 
 from . import grouped
 from .grouped import Geometry
-from .input_rebuild import InputRebuild
+from .input_rebuild import InputRebuild, take_samples
 from .input_rebuild import as_rows as _rows
 
 
@@ -200,16 +205,24 @@ def _patched_matmul(fn: Callable[[torch.Tensor], torch.Tensor], w0: torch.Tensor
 # ------------------------------------------------------------------ the autograd Function
 Runs = Tuple[Tuple[int, int], ...]
 
+#: A branch whose dropped samples form at least this many runs is corrected through one gather
+#: of those samples (``index_select``/``index_add_``, a fixed number of dispatches) instead of
+#: run by run (slices are views: cheaper for a single run). At drop 0.1 a batch of 8 rarely has
+#: two runs, a batch of 64 has about six per branch.
+GATHER_RUNS = 2
+
 
 class _Spec(NamedTuple):
     """What the computation needs besides tensors: the branches' geometries, the drop scale
     ``s`` (``1/(1-p)`` with masks, else 1), and per branch the ``[start, stop)`` runs of
-    samples that kept it and that dropped it (host data)."""
+    samples that kept it and that dropped it, and the dropped samples' ids when they are
+    gathered (:data:`GATHER_RUNS`; else ``None``) (host data)."""
 
     geometries: Tuple[Geometry, ...]
     scale: float
     kept: Tuple[Runs, ...]
     dropped: Tuple[Runs, ...]
+    gathered: Tuple[Optional[Tuple[int, ...]], ...]
 
 
 def sample_runs(flags: Sequence[bool]) -> Runs:
@@ -235,16 +248,30 @@ def make_spec(geometries: Sequence[Geometry], keep: Optional[Sequence[Sequence[b
     branch kept and unscaled)."""
     n = len(geometries)
     if keep is None:
-        return _Spec(tuple(geometries), 1.0, (((0, batch),),) * n, ((),) * n)
+        return _Spec(tuple(geometries), 1.0, (((0, batch),),) * n, ((),) * n, (None,) * n)
+    dropped = tuple(sample_runs([not v for v in f]) for f in keep)
+    gathered = tuple(tuple(i for i, v in enumerate(f) if not v)
+                     if len(runs) >= GATHER_RUNS else None for f, runs in zip(keep, dropped))
     return _Spec(tuple(geometries), 1.0 / (1.0 - drop_rate),
-                 tuple(sample_runs(f) for f in keep),
-                 tuple(sample_runs([not v for v in f]) for f in keep))
+                 tuple(sample_runs(f) for f in keep), dropped, gathered)
+
+
+def _sample_index(ids: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The host ids as a long tensor on ``device``. On a GPU through pinned memory and a
+    non-blocking copy: a copy from pageable memory would synchronise the step."""
+    index = torch.tensor(ids, dtype=torch.long)
+    if device.type == "cpu":
+        return index
+    if device.type == "cuda":
+        index = index.pin_memory()
+    return index.to(device, non_blocking=True)
 
 
 class _Step(NamedTuple):
     """What backward needs of a forward besides saved tensors: the spec, where the branches sit
-    in ``W0``, the patched values, the compute dtype, the batch size, and per branch that some
-    sample dropped its :func:`grouped.block_diagonal` in the compute dtype (else ``None``)."""
+    in ``W0``, the patched values, the compute dtype, the batch size, per branch that some
+    sample dropped its :func:`grouped.block_diagonal` in the compute dtype (else ``None``), and
+    per branch whose dropped samples are gathered their ids on the device (else ``None``)."""
 
     spec: _Spec
     state: UnionState
@@ -252,6 +279,7 @@ class _Step(NamedTuple):
     dtype: torch.dtype
     batch: int
     diagonals: Tuple[Optional[torch.Tensor], ...]
+    index: Tuple[Optional[torch.Tensor], ...]
 
 
 def _diagonals(spec: _Spec, state: UnionState, weights: Sequence[torch.Tensor],
@@ -260,6 +288,11 @@ def _diagonals(spec: _Spec, state: UnionState, weights: Sequence[torch.Tensor],
     by), formed once for a forward and its backward."""
     return tuple(grouped.block_diagonal(_as(weights[k], dtype), state.plans[k]) if runs else None
                  for k, runs in enumerate(spec.dropped))
+
+
+def _indices(spec: _Spec, device: torch.device) -> Tuple[Optional[torch.Tensor], ...]:
+    return tuple(_sample_index(ids, device) if ids is not None else None
+                 for ids in spec.gathered)
 
 
 def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Tensor,
@@ -271,15 +304,24 @@ def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Ten
     values, bias = _patch(state, b0, weights, biases, spec.scale, dtype)
     y = _patched_matmul(lambda w: F.linear(xc, w, bias), w0, state, values, dtype)
     diagonals = _diagonals(spec, state, weights, dtype)
-    for k, runs in enumerate(spec.dropped):
+    index = _indices(spec, xc.device)
+    batch = xc.shape[0]
+
+    def correction(rows: torch.Tensor, k: int) -> torch.Tensor:
         geom, c_k = spec.geometries[k], biases[k]
-        for a, b in runs:  # take branch k back out of the samples that dropped it
-            part = grouped.forward_blocks(_rows(xc[a:b]), diagonals[k], w0.shape[0],
-                                          state.plans[k], geom.groups, geom.channel_shuffle)
-            if c_k is not None:
-                part = part + _as(c_k, dtype)
-            _rows(y[a:b]).sub_(part, alpha=spec.scale)
-    return y, _Step(spec, state, values, dtype, xc.shape[0], diagonals)
+        part = grouped.forward_blocks(rows, diagonals[k], w0.shape[0], state.plans[k],
+                                      geom.groups, geom.channel_shuffle)
+        return part + _as(c_k, dtype) if c_k is not None else part
+
+    # take branch k back out of the samples that dropped it
+    for k, runs in enumerate(spec.dropped):
+        if index[k] is not None:  # all of them at once
+            part = correction(take_samples(xc, index[k], batch), k)
+            y.index_add_(0, index[k], part.view(-1, *y.shape[1:]), alpha=-spec.scale)
+            continue
+        for a, b in runs:
+            _rows(y[a:b]).sub_(correction(_rows(xc[a:b]), k), alpha=spec.scale)
+    return y, _Step(spec, state, values, dtype, batch, diagonals, index)
 
 
 def backward_step(spec: _Spec, state: UnionState, b0: Optional[torch.Tensor],
@@ -288,7 +330,8 @@ def backward_step(spec: _Spec, state: UnionState, b0: Optional[torch.Tensor],
     """The :class:`_Step` :func:`forward_rows` returned, rebuilt from the same inputs (the
     compiled ops keep no Python state between forward and backward)."""
     values, _ = _patch(state, b0, weights, biases, spec.scale, dtype)
-    return _Step(spec, state, values, dtype, batch, _diagonals(spec, state, weights, dtype))
+    return _Step(spec, state, values, dtype, batch, _diagonals(spec, state, weights, dtype),
+                 _indices(spec, state.union.device))
 
 
 def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -299,13 +342,21 @@ def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     g2 = _rows(g)
     tokens = g2.shape[0] // step.batch  # rows per sample
     grad_x = _patched_matmul(lambda w: torch.mm(g2, w), w0, step.state, step.patch, dtype)
+
+    def correction(rows: torch.Tensor, k: int) -> torch.Tensor:
+        return grouped.input_grad_blocks(rows, step.diagonals[k], w0.shape[1],
+                                         step.state.plans[k], spec.geometries[k].channel_shuffle)
+
     for k, runs in enumerate(spec.dropped):
+        index = step.index[k]
+        if index is not None:
+            part = correction(take_samples(g2, index, step.batch), k)
+            grad_x.view(step.batch, -1).index_add_(0, index, part.view(index.shape[0], -1),
+                                                   alpha=-spec.scale)
+            continue
         for a, b in runs:
             rows = slice(a * tokens, b * tokens)
-            part = grouped.input_grad_blocks(g2[rows], step.diagonals[k], w0.shape[1],
-                                             step.state.plans[k],
-                                             spec.geometries[k].channel_shuffle)
-            grad_x[rows].sub_(part, alpha=spec.scale)
+            grad_x[rows].sub_(correction(g2[rows], k), alpha=spec.scale)
     return grad_x
 
 
@@ -320,10 +371,13 @@ def bias_grads(step: _Step, g: torch.Tensor) -> Tuple[torch.Tensor, List[torch.T
         return total, [total if spec.scale == 1.0 else total * spec.scale] * len(spec.dropped)
     per_sample = g.reshape(step.batch, -1, g.shape[-1])
     per_branch = []
-    for runs in spec.dropped:
+    for k, runs in enumerate(spec.dropped):
         kept = total
-        for a, b in runs:
-            kept = kept - per_sample[a:b].sum((0, 1), dtype=acc)
+        if step.index[k] is not None:
+            kept = kept - per_sample.index_select(0, step.index[k]).sum((0, 1), dtype=acc)
+        else:
+            for a, b in runs:
+                kept = kept - per_sample[a:b].sum((0, 1), dtype=acc)
         per_branch.append(kept * spec.scale)
     return total, per_branch
 
@@ -332,14 +386,22 @@ def branch_weight_grad(step: _Step, g2: torch.Tensor, x_rows, k: int, shape: tor
                        in_features: int) -> torch.Tensor:
     """Branch ``k``'s compact weight gradient over the rows of the samples that kept it,
     times ``s`` (:func:`grouped.grouped_weight_grad`); ``x_rows`` the layer input as
-    ``(rows, in)`` or a ``(start, stop) -> rows`` function (:class:`InputRebuild`)."""
+    ``(rows, in)`` or a :class:`~consolidator_hf.input_rebuild.RowFunction` (rebuilt).
+    Kept samples in several runs, dropped ones gathered: the sum over all rows minus the
+    dropped samples' rows (two passes instead of one per kept run)."""
     tokens = g2.shape[0] // step.batch
-    ranges = [(a * tokens, b * tokens) for a, b in step.spec.kept[k]]
-    if not ranges:
+    kept, index = step.spec.kept[k], step.index[k]
+    if not kept:
         return torch.zeros(shape, dtype=grouped.sum_dtype(g2.dtype), device=g2.device)
     geom = step.spec.geometries[k]
+    ranges, minus = [(a * tokens, b * tokens) for a, b in kept], None
+    if index is not None and len(kept) > 1:
+        ranges = None
+        minus = (take_samples(g2, index, step.batch),
+                 take_samples(x_rows, index, step.batch) if isinstance(x_rows, torch.Tensor)
+                 else x_rows.gather(index, step.batch))
     gw = grouped.weight_grad_blocks(g2, x_rows, step.state.plans[k], geom.groups,
-                                    geom.channel_shuffle, in_features, ranges)
+                                    geom.channel_shuffle, in_features, ranges, minus)
     if step.spec.scale != 1.0:
         # a fresh tensor, scaled in place, in fp32 or wider
         gw = _as(gw, grouped.sum_dtype(gw.dtype)).mul_(step.spec.scale)
@@ -378,7 +440,8 @@ def gradients(step: _Step, g: torch.Tensor, w0: torch.Tensor, weights: Sequence[
     """Every gradient of the layer from the output gradient ``g`` (compute dtype, contiguous):
     :func:`input_grad`, :func:`bias_grads`, :func:`branch_weight_grad` and, for an unfrozen
     ``W0``, the dense ``g^T x``. ``x_rows()`` gives the layer input as ``(rows, in)`` or a
-    ``(start, stop) -> rows`` function; it is called only when a weight gradient needs it."""
+    :class:`~consolidator_hf.input_rebuild.RowFunction`; it is called only when a weight
+    gradient needs it."""
     n = len(weights)
     grad_x = input_grad(step, g, w0) if needs.x else None
     grad_b0, grad_c = None, [None] * len(needs.biases)

@@ -497,27 +497,41 @@ def grouped_weight_grad(
 
 def weight_grad_blocks(grad_out: torch.Tensor, x: RowSource, plan: BlockPlan, groups: int,
                        channel_shuffle: bool, in_features: int,
-                       row_ranges: Optional[Sequence[Tuple[int, int]]] = None) -> torch.Tensor:
-    """:func:`grouped_weight_grad` with its :class:`BlockPlan` given."""
+                       row_ranges: Optional[Sequence[Tuple[int, int]]] = None,
+                       minus: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """:func:`grouped_weight_grad` with its :class:`BlockPlan` given. ``minus``: ``(grad_out
+    rows, x rows)`` of rows whose products are taken out of the sum again (``grad`` over the
+    row ranges minus ``grad`` over those rows: the kept samples' sum as all rows minus the
+    dropped ones, two passes however the kept samples are spread)."""
     n, out_features = grad_out.shape
     if isinstance(x, torch.Tensor):
         tensor = x
         x = lambda a, b: tensor if (a, b) == (0, n) else tensor[a:b]  # noqa: E731
     b, c, r, s = plan.batches, plan.c, plan.rows, plan.s
+
+    def blocks_of(gs: torch.Tensor, xs: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if plan.lead or plan.trail:
+            gs = torch.nn.functional.pad(gs, (plan.lead, plan.trail))
+        return (gs.reshape(gs.shape[0], b, c * r).permute(1, 2, 0),
+                _input_blocks(xs, groups, channel_shuffle, plan))
+
     chunk = max(1, _CHUNK_BYTES // (grad_out.element_size() * (in_features + out_features)))
     full = None
     for start, stop in ([(0, n)] if row_ranges is None else row_ranges):
         for a in range(start, stop, chunk):
             e = min(a + chunk, stop)
-            gs = grad_out if (a, e) == (0, n) else grad_out[a:e]
-            if plan.lead or plan.trail:
-                gs = torch.nn.functional.pad(gs, (plan.lead, plan.trail))
-            g_blocks = gs.reshape(e - a, b, c * r).permute(1, 2, 0)
-            x_blocks = _input_blocks(x(a, e), groups, channel_shuffle, plan)
+            g_blocks, x_blocks = blocks_of(grad_out if (a, e) == (0, n) else grad_out[a:e],
+                                           x(a, e))
             if full is None:
                 full = torch.bmm(g_blocks, x_blocks)
             else:
                 full.baddbmm_(g_blocks, x_blocks)
+    if minus is not None and minus[0].shape[0]:
+        g_blocks, x_blocks = blocks_of(*minus)
+        if full is None:
+            full = torch.bmm(g_blocks, x_blocks).neg_()
+        else:
+            full.baddbmm_(g_blocks, x_blocks, alpha=-1)
     if full is None:  # no rows
         full = grad_out.new_zeros(b, c * r, c * s)
     blocks = full.view(b, c, r, c, s).diagonal(dim1=1, dim2=3)  # (b, rows, s, c)

@@ -20,6 +20,37 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
+def take_samples(t: torch.Tensor, samples: torch.Tensor, batch: int) -> torch.Tensor:
+    """The rows of the given samples of ``t`` (``(rows, f)`` or ``(batch, ..., f)``, every sample
+    the same number of rows), as ``(len(samples) * rows per sample, f)``: one ``index_select``
+    whatever the samples are (``samples``: a long tensor on ``t``'s device)."""
+    # (a reshape only where dim 0 is not the samples: each is a dispatch)
+    picked = (t if t.shape[0] == batch else t.reshape(batch, -1)).index_select(0, samples)
+    return picked if picked.dim() == 2 and picked.shape[-1] == t.shape[-1] \
+        else picked.view(-1, t.shape[-1])
+
+
+class RowFunction:
+    """Rows of a tensor built from per-row parts on demand: ``f(a, b)`` its rows ``[a, b)``,
+    ``f.gather(samples, batch)`` the rows of the given samples (:func:`take_samples`), each
+    computed from the same rows of ``parts`` only."""
+
+    __slots__ = ("_build", "_parts", "_n")
+
+    def __init__(self, build: Callable[..., torch.Tensor],
+                 parts: Sequence[torch.Tensor]) -> None:
+        self._build, self._parts, self._n = build, tuple(parts), parts[0].shape[0]
+
+    def __call__(self, a: int, b: int) -> torch.Tensor:
+        # no slices for all rows (each is a dispatch)
+        if (a, b) == (0, self._n):
+            return self._build(*self._parts)
+        return self._build(*(p[a:b] for p in self._parts))
+
+    def gather(self, samples: torch.Tensor, batch: int) -> torch.Tensor:
+        return self._build(*(take_samples(p, samples, batch) for p in self._parts))
+
+
 class InputRebuild:
     """Rebuilds a layer input in backward from what the op that produced it saved anyway.
 
@@ -85,56 +116,53 @@ class InputRebuild:
             return None
         return cls(kind, tensors, approximate, x.dtype)
 
-    def _row_function(self, tensors: Sequence[Optional[torch.Tensor]]
-                      ) -> Callable[[int, int], torch.Tensor]:
+    def _row_function(self, tensors: Sequence[Optional[torch.Tensor]], finish
+                      ) -> RowFunction:
+        """Rows of ``x`` rebuilt from ``tensors``, each passed through ``finish`` (a cast)."""
         if self.kind == "gelu":
-            u = as_rows(tensors[0])
-            n = u.shape[0]
-            return lambda a, b: F.gelu(u if (a, b) == (0, n) else u[a:b],
-                                       approximate=self.approximate)
+            approximate = self.approximate
+            return RowFunction(lambda u: finish(F.gelu(u, approximate=approximate)),
+                               (as_rows(tensors[0]),))
         u, mean, rstd, weight, bias = tensors
         u, mean, rstd = as_rows(u), mean.reshape(-1, 1), rstd.reshape(-1, 1)
-        n = u.shape[0]
         shift = -mean * rstd  # (u - mean) * rstd = u * rstd + shift: one pass over u
         wide = rstd.dtype
 
-        def layer_norm_rows(a: int, b: int) -> torch.Tensor:
+        def layer_norm_rows(ua: torch.Tensor, sh: torch.Tensor, rs: torch.Tensor) -> torch.Tensor:
             # mean/rstd are fp32 for low-precision inputs: compute there and round once, as
-            # the LayerNorm kernel does (chunk by chunk, so no wide copy of u exists whole);
-            # no slices for all rows (each is a dispatch)
-            if (a, b) == (0, n):
-                ua, sh, rs = u, shift, rstd
-            else:
-                ua, sh, rs = u[a:b], shift[a:b], rstd[a:b]
+            # the LayerNorm kernel does (chunk by chunk, so no wide copy of u exists whole)
             x = torch.addcmul(sh, ua if ua.dtype == wide else ua.to(wide), rs)
             if weight is not None and bias is not None:
-                return torch.addcmul(bias, x, weight, out=x)
-            if weight is not None:
-                return x.mul_(weight)
-            return x.add_(bias) if bias is not None else x
+                x = torch.addcmul(bias, x, weight, out=x)
+            elif weight is not None:
+                x = x.mul_(weight)
+            elif bias is not None:
+                x = x.add_(bias)
+            return finish(x)
 
-        return layer_norm_rows
+        return RowFunction(layer_norm_rows, (u, shift, rstd))
 
     def rows(self, tensors: Sequence[Optional[torch.Tensor]], dtype: torch.dtype
-             ) -> Callable[[int, int], torch.Tensor]:
-        """``(start, stop) -> rows of x`` in ``dtype`` for one reader's backward, built from
-        ``tensors`` (this object's tensors as the reader's ``ctx.saved_tensors`` unpacked them)."""
-        fn = self._row_function(tensors)
+             ) -> RowFunction:
+        """The rows of ``x`` in ``dtype`` for one reader's backward (:class:`RowFunction`),
+        built from ``tensors`` (this object's tensors as the reader's ``ctx.saved_tensors``
+        unpacked them)."""
         out_dtype = self.dtype
         shared = self.readers > 1 or self._shared is not None
         self.readers -= 1
         if not shared:
-            def rows(a: int, b: int) -> torch.Tensor:
-                r = fn(a, b)  # rounded to the input's dtype, then cast to the compute dtype
-                return r if r.dtype == out_dtype == dtype else r.to(out_dtype).to(dtype)
-            return rows
+            # rounded to the input's dtype, then cast to the compute dtype
+            return self._row_function(
+                tensors, lambda r: r if r.dtype == out_dtype == dtype else
+                r.to(out_dtype).to(dtype))
         x = self._shared
         if x is None:
-            x = fn(0, as_rows(tensors[0]).shape[0]).to(out_dtype)
+            x = self._row_function(
+                tensors, lambda r: r if r.dtype == out_dtype else r.to(out_dtype))(
+                0, as_rows(tensors[0]).shape[0])
         # Kept until the last registered reader has taken it.
         self._shared = x if self.readers > 0 else None
-        x = x.to(dtype)
-        return lambda a, b: x[a:b]
+        return RowFunction(lambda r: r, (x if x.dtype == dtype else x.to(dtype),))
 
     def release(self) -> None:
         """A registered reader that will never ask (it needs no weight gradient)."""

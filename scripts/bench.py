@@ -205,6 +205,9 @@ def inference_worker(args: argparse.Namespace) -> None:
     _send({
         "layer_overhead_us": overhead,
         "layer_op_counts": layer_op_counts(device),
+        # 64 samples: several runs of dropped samples per branch (the GPU batch size)
+        "layer_overhead_us_b64": layer_overhead_us(device, rows=256),
+        "layer_op_counts_b64": layer_op_counts(device, rows=256),
         "adapted_layers": sum(1 for _ in wrapped.consolidator_layers()),
         "inference_s": {k: statistics.median(v) for k, v in times.items()},
         "inference_all_s": times,
@@ -357,15 +360,21 @@ def markdown_table(report: Dict[str, Any]) -> str:
         lines.append(f"| {k} | {t[k]:.3f} | {t[k] / t['plain']:.3f} |")
     o = inf["layer_overhead_us"]
     ops = inf.get("layer_op_counts", {})
-    lines += ["", "| host time per adapted layer, fwd+bwd (64 features, 32 rows) | µs | × plain | "
-                  f"extra per step ({inf['adapted_layers']} layers), ms | aten ops fwd + bwd | × plain |",
+    lines += ["", "| host time per adapted layer, fwd+bwd (64 features, 8 samples x 4 rows) | µs | "
+                  f"× plain | extra per step ({inf['adapted_layers']} layers), ms | "
+                  "aten ops fwd + bwd | × plain |",
               "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    for k in [k for k in ("plain", "fast", "fast_nodrop", "reference") if k in o]:
-        extra = (o[k] - o["plain"]) * inf["adapted_layers"] / 1e3
-        n = ops.get(k)
-        count = (f"{n['forward']:.0f} + {n['backward']:.0f} | {n['total'] / ops['plain']['total']:.2f}"
-                 if n else "- | -")
-        lines.append(f"| {k} | {o[k]:.0f} | {o[k] / o['plain']:.2f} | {extra:.1f} | {count} |")
+    probes = [("", o, ops)]
+    if "layer_overhead_us_b64" in inf:
+        probes.append((", 64 samples", inf["layer_overhead_us_b64"], inf["layer_op_counts_b64"]))
+    for suffix, o, ops in probes:
+        for k in [k for k in ("plain", "fast", "fast_nodrop", "reference") if k in o]:
+            extra = (o[k] - o["plain"]) * inf["adapted_layers"] / 1e3
+            n = ops.get(k)
+            count = (f"{n['forward']:.0f} + {n['backward']:.0f} | "
+                     f"{n['total'] / ops['plain']['total']:.2f}" if n else "- | -")
+            lines.append(f"| {k}{suffix} | {o[k]:.0f} | {o[k] / o['plain']:.2f} | {extra:.1f} | "
+                         f"{count} |")
     lines += ["", f"merge_and_unload of the whole model: {inf['merge_s']:.3f} s; "
                   f"adapter file: {inf['adapter_file_bytes']:,} bytes "
                   f"({inf['stored_params']:,} stored params); merged vs unmerged max |Δlogit| "
@@ -399,11 +408,19 @@ def write_chart(report: Dict[str, Any], path: str) -> None:
     axes[2].set_title("inference time / plain model")
     if overhead:
         keys = [k for k in ("plain", "fast", "fast_nodrop", "reference") if k in overhead]
-        axes[3].bar(keys, [overhead[k] for k in keys], color=["grey"] + ["C0"] * (len(keys) - 2)
-                    + ["C1"])
-        axes[3].set_title("host time per adapted layer, fwd+bwd (µs)")
-        for i, k in enumerate(keys):
-            axes[3].text(i, overhead[k], f"{overhead[k]:.0f}", ha="center", va="bottom", fontsize=8)
+        series = [("8 samples", overhead)]
+        if "layer_overhead_us_b64" in report["inference"]:
+            series.append(("64 samples", report["inference"]["layer_overhead_us_b64"]))
+        width = 0.8 / len(series)
+        for j, (label, values) in enumerate(series):
+            xs = [i + (j - (len(series) - 1) / 2) * width for i in range(len(keys))]
+            axes[3].bar(xs, [values[k] for k in keys], width, label=label, color=f"C{j}")
+            for x, k in zip(xs, keys):
+                axes[3].text(x, values[k], f"{values[k] / values['plain']:.2f}x", ha="center",
+                             va="bottom", fontsize=7)
+        axes[3].set_xticks(range(len(keys)), keys, fontsize=8)
+        axes[3].legend(fontsize=8)
+        axes[3].set_title("host time per adapted layer, fwd+bwd (µs; labels: x plain)")
     m = report["machine"]
     fig.suptitle(f"consolidator_hf bench: ViT-{report['args']['model_size']}, batch "
                  f"{report['args']['batch_size']}, {m['device']}, {m['threads']} threads, "

@@ -9,7 +9,7 @@ from torch import nn
 from torch._dynamo.testing import CompileCounterWithBackend
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from consolidator_hf import (ConsolidatorConfig, ConsolidatorLinear, compiled_path,
+from consolidator_hf import (ConsolidatorConfig, ConsolidatorLinear, compiled_path, fast_path,
                              get_consolidator_model)
 from tiny import pixels, tiny_deit, tiny_dinov2, tiny_vit
 
@@ -123,11 +123,15 @@ def test_traceable_formula_equals_reference_float64():
             torch.testing.assert_close(got, ref, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("drop_rate", [0.0, 0.5])
-def test_compiled_ops_equal_reference_float64(drop_rate):
+@pytest.mark.parametrize("drop_rate, gather_runs", [(0.0, None), (0.5, None), (0.5, 1)],
+                         ids=["drop0", "drop0.5", "drop0.5-gathered"])
+def test_compiled_ops_equal_reference_float64(drop_rate, gather_runs, monkeypatch):
     """The custom ops the compiler sees (called eagerly here) give the reference forward and
     its gradients, in float64, on every geometry the eager path is tested on, with the base
-    weight unfrozen too (its dense gradient), 2-D and 3-D inputs; W0 comes back unchanged."""
+    weight unfrozen too (its dense gradient), 2-D and 3-D inputs; W0 comes back unchanged.
+    ``gather_runs=1``: every branch's dropped samples corrected through one gather."""
+    if gather_runs is not None:
+        monkeypatch.setattr(fast_path, "GATHER_RUNS", gather_runs)
     cases = [(12, 24, (4,), 0, None), (12, 24, (4, 2), 0, None), (12, 12, (3,), 12, 36),
              (12, 24, (6, 2), 12, 36), (12, 10, (1,), 5, 30)]
     dropped = kept = 0
@@ -336,12 +340,16 @@ class _NoHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
-def test_eager_training_step_reads_nothing_back_to_the_host(drop_rate, monkeypatch):
+@pytest.mark.parametrize("drop_rate, gather_runs", [(0.0, None), (0.3, None), (0.3, 1)],
+                         ids=["drop0", "drop0.3", "drop0.3-gathered"])
+def test_eager_training_step_reads_nothing_back_to_the_host(drop_rate, gather_runs, monkeypatch):
     """A training forward and backward (eager, default impl, two branches) performs no host
     read of a tensor value (no item/tolist/nonzero/...): which samples dropped is known on the
     host because the layer drew the masks there (host memory, read before the tensor goes to
-    the model's device), not read back from a tensor the step computed."""
+    the model's device), not read back from a tensor the step computed. ``gather_runs=1``: the
+    dropped samples' ids go to the device as an index (built from host data)."""
+    if gather_runs is not None:
+        monkeypatch.setattr(fast_path, "GATHER_RUNS", gather_runs)
     model = _model(tiny_vit, drop_rate, groups=(16, 8))
     px = pixels(4)
     model(pixel_values=px)  # the union caches are built once, outside the step
@@ -357,8 +365,12 @@ def test_eager_training_step_reads_nothing_back_to_the_host(drop_rate, monkeypat
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("drop_rate", [0.0, 0.3])
-def test_cuda_training_step_never_synchronises(drop_rate):
+@pytest.mark.parametrize("drop_rate, gather_runs", [(0.0, None), (0.3, None), (0.3, 1)],
+                         ids=["drop0", "drop0.3", "drop0.3-gathered"])
+def test_cuda_training_step_never_synchronises(drop_rate, gather_runs, monkeypatch):
+    # gather_runs=1: the dropped samples' index goes to the GPU (pinned, non-blocking copy)
+    if gather_runs is not None:
+        monkeypatch.setattr(fast_path, "GATHER_RUNS", gather_runs)
     model = _model(tiny_vit, drop_rate, groups=(16, 8)).cuda()
     px = pixels(4).cuda()
     model(pixel_values=px).logits.sum().backward()  # warm-up: caches, lazy init

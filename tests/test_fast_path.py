@@ -521,3 +521,136 @@ def test_union_cache_follows_the_base_weight_it_patches():
     check()
     layer.base_layer.weight = nn.Parameter(torch.randn(24, 12), requires_grad=False)
     check()
+
+
+# ------------------------------------------------------------------ gathered drop corrections
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """aten ops dispatched while active, by name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.ops[name] = self.ops.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _oracle(x, w0, b0, weights, biases, geometries, keep, drop_rate):
+    """``x W0^T + b0 + sum_k m_k (B_k P_k x + c_k)`` read off the formulas (autograd does the
+    gradients), ``m_k[n] = keep[k][n] / (1 - p)``."""
+    y = F.linear(x, w0, b0)
+    for k, geom in enumerate(geometries):
+        m = torch.tensor(keep[k], dtype=x.dtype).view(-1, *([1] * (x.dim() - 1))) / (1 - drop_rate)
+        y = y + m * (grouped.grouped_forward_reference(x, weights[k], **geom._asdict())
+                     + biases[k])
+    return y
+
+
+def _fast_and_oracle(keep, case=(12, 24, (4, 2), 0, None), tokens=3, seed=0):
+    """Output and gradients of ``fast_linear`` and of :func:`_oracle` for explicit keep flags
+    (the layer input a LayerNorm output, so the fast path rebuilds it), with the aten ops the
+    fast path's forward + backward dispatched."""
+    from consolidator_hf.fast_path import UnionCache, fast_linear
+    from consolidator_hf.grouped import Geometry
+
+    in_f, out_f, groups, row_offset, vout = case
+    torch.manual_seed(seed)
+    batch = len(keep[0])
+    u = torch.randn(batch, tokens, in_f)
+    norm = nn.LayerNorm(in_f)
+    w0 = torch.randn(out_f, in_f)
+    b0 = torch.randn(out_f, requires_grad=True)
+    geometries = tuple(Geometry(g, True, row_offset, vout) for g in groups)
+    weights = [(0.3 * torch.randn(out_f, in_f // g)).requires_grad_(True) for g in groups]
+    biases = [(0.3 * torch.randn(out_f)).requires_grad_(True) for _ in groups]
+    gy = torch.randn(batch, tokens, out_f)
+    results, counts = [], None
+    for fast in (True, False):
+        ui = u.clone().requires_grad_(True)
+        for p in (b0, *weights, *biases):
+            p.grad = None
+        if fast:
+            cache = UnionCache()
+            fast_linear(norm(ui), w0, b0, weights, biases, geometries, keep, 0.5,
+                        cache).backward(gy)  # cache filled, as in any step after the first
+            ui.grad = None
+            for p in (b0, *weights, *biases):
+                p.grad = None
+            mode = _CountOps()
+            with mode:
+                y = fast_linear(norm(ui), w0, b0, weights, biases, geometries, keep, 0.5, cache)
+                y.backward(gy)
+            counts = mode.ops
+        else:
+            y = _oracle(norm(ui), w0, b0, weights, biases, geometries, keep, 0.5)
+            y.backward(gy)
+        results.append([y.detach(), ui.grad] + [p.grad for p in (b0, *weights, *biases)])
+    return results[0], results[1], counts
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_gathered_drop_corrections_equal_the_formulas(case):
+    """Dropped samples in many runs are corrected through one gather per branch (forward, input
+    gradient, bias and weight gradient: all rows minus the dropped ones); outputs and every
+    gradient equal the formulas', also with every sample dropped or kept by a branch."""
+    from consolidator_hf.fast_path import sample_runs
+
+    n = len(case[2])
+    patterns = [
+        [[i % 2 == 0 for i in range(12)], [i % 3 != 1 for i in range(12)]],   # many runs
+        [[i % 2 == 0 for i in range(12)], [True] * 12],                       # one branch kept
+        [[False] * 12, [i % 4 < 2 for i in range(12)]],                       # one all dropped
+    ]
+    for keep in patterns:
+        keep = keep[:n]
+        fast, oracle, counts = _fast_and_oracle(keep, case)
+        gathered = sum(len(sample_runs([not v for v in f])) >= 2 for f in keep)
+        assert counts.get("index_add_", 0) == 2 * gathered, counts  # forward + input gradient
+        for got, want in zip(fast, oracle):
+            assert _rel_err(got, want) <= 1e-5
+
+
+def test_host_work_of_the_drop_corrections_does_not_grow_with_the_runs():
+    """The same number of aten ops whether a branch's 16 dropped samples form 2 runs or 16,
+    and as many as for 4 runs of 4 (before: about 20 more per run)."""
+    batch = 32
+    shapes = {
+        "2 runs": [i < 8 or 16 <= i < 24 for i in range(batch)],
+        "16 runs": [i % 2 == 0 for i in range(batch)],
+        "4 runs": [(i // 4) % 2 == 0 for i in range(batch)],
+    }
+    totals = {}
+    for name, flags in shapes.items():
+        keep = [[not v for v in flags], [not v for v in flags]]
+        fast, oracle, counts = _fast_and_oracle(keep)
+        for got, want in zip(fast, oracle):
+            assert _rel_err(got, want) <= 1e-5, name
+        totals[name] = sum(counts.values())
+    assert len(set(totals.values())) == 1, totals
+
+
+@pytest.mark.parametrize("gather_runs", [1, 10 ** 9], ids=["gathered", "run_by_run"])
+def test_block_fast_equals_reference_gathered_or_run_by_run(monkeypatch, gather_runs):
+    """Through a block whose inputs are rebuilt (shared q/k input, fc1 LayerNorm, fc2 GELU),
+    both ways of correcting the dropped samples give the reference path's gradients."""
+    from consolidator_hf import fast_path
+
+    monkeypatch.setattr(fast_path, "GATHER_RUNS", gather_runs)
+    x = torch.randn(16, 3, 16)
+    grads, counts = {}, {}
+    for impl in ("reference", "fast"):
+        block = _consolidated_block(impl, 0.5)
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(5)
+        mode = _CountOps()
+        with mode:
+            out = block(xi)
+            (out * torch.linspace(-1, 2, out.numel()).view_as(out)).sum().backward()
+        counts[impl] = mode.ops
+        grads[impl] = {"input": xi.grad, **{n: p.grad for n, p in block.named_parameters()
+                                            if p.grad is not None}}
+    assert (counts["fast"].get("index_add_", 0) > 0) == (gather_runs == 1)
+    for name, g in grads["reference"].items():
+        assert _rel_err(grads["fast"][name], g) <= 1e-5, name
