@@ -291,6 +291,28 @@ def test_weight_grad_over_row_ranges_and_from_a_row_function():
         grouped.grouped_weight_grad(gout, x_rows, 4, True)
 
 
+@pytest.mark.parametrize("ranges", [None, [(0, 40)], [(3, 9)], []],
+                         ids=["all", "full-range", "one", "none"])
+def test_weight_grad_minus_rows_is_the_sum_without_them(ranges):
+    """``minus=(g rows, x rows)`` takes those rows' products out of the sum: over all rows minus
+    a scattered set of rows equals the dense gradient over the rest; with other row ranges (or
+    none) each row counts +1 per range it is in and -1 if subtracted; on a slice of a virtual
+    layer."""
+    gout = torch.randn(40, 10, dtype=torch.float64)
+    x = torch.randn(40, 12, dtype=torch.float64)
+    dropped = torch.tensor([1, 4, 5, 20, 38])
+    plan = grouped.block_plan(12, 10, 4, row_offset=5, virtual_out_features=30)
+    got = grouped.weight_grad_blocks(gout, x, plan, 4, True, 12, ranges,
+                                     minus=(gout[dropped], x[dropped]))
+    summed = torch.zeros(40, dtype=torch.bool)
+    for a, b in [(0, 40)] if ranges is None else ranges:
+        summed[a:b] = True
+    sign = summed.double() - torch.isin(torch.arange(40), dropped).double()
+    dense = (gout * sign[:, None]).t() @ x
+    want = grouped.dense_to_grouped(dense, 4, True, row_offset=5, virtual_out_features=30)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 class _Block(nn.Module):
     """A transformer-style block: LayerNorm read by q and k, LayerNorm -> fc1 -> GELU -> fc2."""
 
