@@ -60,6 +60,7 @@ compiled step computes exactly this design, and leaves rebuilding the input to t
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
@@ -295,6 +296,27 @@ def _indices(spec: _Spec, device: torch.device) -> Tuple[Optional[torch.Tensor],
                  for ids in spec.gathered)
 
 
+def _take_out(target: torch.Tensor, source: torch.Tensor, runs: Runs,
+              index: Optional[torch.Tensor], batch: int, scale: float,
+              correction: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """``target[rows] -= scale * correction(source[rows])`` on the rows of the samples in
+    ``runs`` (``source`` and ``target`` ``(rows, f)`` or ``(batch, ..., f)``, the same rows per
+    sample; ``correction`` maps ``(rows, f)`` to ``(rows, f')``): through one gather when
+    ``index`` holds those samples, else run by run through slices."""
+    if index is not None:
+        part = correction(take_samples(source, index, batch))
+        # index_add_ on dim 0 as the samples; no reshape where it already is (each is a dispatch)
+        samples = target if target.shape[0] == batch else target.view(batch, -1)
+        samples.index_add_(0, index, part.view(index.shape[0], *samples.shape[1:]), alpha=-scale)
+        return
+    if source.dim() != 2:  # (a reshape of a 2-d tensor is a dispatch too)
+        source, target = _rows(source), _rows(target)
+    tokens = source.shape[0] // batch  # rows per sample
+    for a, b in runs:
+        rows = slice(a * tokens, b * tokens)
+        target[rows].sub_(correction(source[rows]), alpha=scale)
+
+
 def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Tensor,
                  b0: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
                  biases: Sequence[Optional[torch.Tensor]], dtype: torch.dtype
@@ -307,20 +329,19 @@ def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Ten
     index = _indices(spec, xc.device)
     batch = xc.shape[0]
 
-    def correction(rows: torch.Tensor, k: int) -> torch.Tensor:
+    def correction(k: int) -> Callable[[torch.Tensor], torch.Tensor]:
         geom, c_k = spec.geometries[k], biases[k]
-        part = grouped.forward_blocks(rows, diagonals[k], w0.shape[0], state.plans[k],
-                                      geom.groups, geom.channel_shuffle)
-        return part + _as(c_k, dtype) if c_k is not None else part
+
+        def rows(x_rows: torch.Tensor) -> torch.Tensor:
+            part = grouped.forward_blocks(x_rows, diagonals[k], w0.shape[0], state.plans[k],
+                                          geom.groups, geom.channel_shuffle)
+            return part + _as(c_k, dtype) if c_k is not None else part
+        return rows
 
     # take branch k back out of the samples that dropped it
     for k, runs in enumerate(spec.dropped):
-        if index[k] is not None:  # all of them at once
-            part = correction(take_samples(xc, index[k], batch), k)
-            y.index_add_(0, index[k], part.view(-1, *y.shape[1:]), alpha=-spec.scale)
-            continue
-        for a, b in runs:
-            _rows(y[a:b]).sub_(correction(_rows(xc[a:b]), k), alpha=spec.scale)
+        if runs:
+            _take_out(y, xc, runs, index[k], batch, spec.scale, correction(k))
     return y, _Step(spec, state, values, dtype, batch, diagonals, index)
 
 
@@ -340,23 +361,13 @@ def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     ``(rows, in)``."""
     spec, dtype = step.spec, step.dtype
     g2 = _rows(g)
-    tokens = g2.shape[0] // step.batch  # rows per sample
     grad_x = _patched_matmul(lambda w: torch.mm(g2, w), w0, step.state, step.patch, dtype)
-
-    def correction(rows: torch.Tensor, k: int) -> torch.Tensor:
-        return grouped.input_grad_blocks(rows, step.diagonals[k], w0.shape[1],
-                                         step.state.plans[k], spec.geometries[k].channel_shuffle)
-
     for k, runs in enumerate(spec.dropped):
-        index = step.index[k]
-        if index is not None:
-            part = correction(take_samples(g2, index, step.batch), k)
-            grad_x.view(step.batch, -1).index_add_(0, index, part.view(index.shape[0], -1),
-                                                   alpha=-spec.scale)
-            continue
-        for a, b in runs:
-            rows = slice(a * tokens, b * tokens)
-            grad_x[rows].sub_(correction(g2[rows], k), alpha=spec.scale)
+        if runs:
+            _take_out(grad_x, g2, runs, step.index[k], step.batch, spec.scale,
+                      functools.partial(grouped.input_grad_blocks, diagonal=step.diagonals[k],
+                                        in_features=w0.shape[1], plan=step.state.plans[k],
+                                        channel_shuffle=spec.geometries[k].channel_shuffle))
     return grad_x
 
 
