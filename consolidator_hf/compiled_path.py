@@ -47,8 +47,8 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from . import fast_path, grouped
-from .fast_path import _autocast_off, _compute_dtype
+from . import fast_path, grouped, union_patch
+from .union_patch import autocast_off, compute_dtype
 from .input_rebuild import as_rows as _rows
 from .grouped import Geometry
 
@@ -71,7 +71,7 @@ def formula(device: torch.device) -> str:
 @functools.lru_cache(maxsize=None)
 def _union(shape: Tuple[int, int], geometries: Tuple[Geometry, ...], device: torch.device):
     # A pure function of the geometry: safe to keep (W0's own entries are read per call).
-    return fast_path.union_index(shape, geometries, device)
+    return union_patch.union_index(shape, geometries, device)
 
 
 def _step_inputs(x: torch.Tensor, w0: torch.Tensor, keep: Optional[torch.Tensor],
@@ -87,7 +87,7 @@ def _step_inputs(x: torch.Tensor, w0: torch.Tensor, keep: Optional[torch.Tensor]
         flags = fast_path.keep_flags(keep)
     spec = fast_path.make_spec(geometries, flags, x.shape[0], drop_rate)
     union, positions = _union(tuple(w0.shape), geometries, w0.device)
-    return spec, fast_path.union_state(w0, union, positions, geometries)
+    return spec, union_patch.union_state(w0, union, positions, geometries)
 
 
 def _none_if_empty(biases: Sequence[torch.Tensor], n: int) -> List[Optional[torch.Tensor]]:
@@ -107,7 +107,7 @@ def merged_linear(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor],
     meanwhile), so to the graph it is not mutated."""
     spec, state = _step_inputs(x, w0, keep, groups, channel_shuffle, row_offset,
                                virtual_out_features, drop_rate)
-    with _autocast_off(x.device.type):
+    with autocast_off(x.device.type):
         y, _ = fast_path.forward_rows(spec, state, x, w0, b0, weights,
                                       _none_if_empty(biases, len(weights)), x.dtype)
     return y
@@ -136,8 +136,8 @@ def merged_linear_backward(grad: torch.Tensor, x: torch.Tensor, w0: torch.Tensor
     n, dtype = len(weights), x.dtype
     wanted = fast_path.Needs(need_x, need_w0, need_b0 and b0 is not None, (need_w,) * n,
                               (need_c,) * len(biases))
-    with _autocast_off(x.device.type):
-        step = fast_path.backward_step(spec, state, b0, weights, _none_if_empty(biases, n),
+    with autocast_off(x.device.type):
+        step = fast_path.backward_step(spec, state, w0, b0, weights, _none_if_empty(biases, n),
                                        dtype, x.shape[0])
         grads = fast_path.gradients(step, grad.to(dtype).contiguous(), w0, weights,
                                     lambda: _rows(x), wanted)
@@ -206,7 +206,7 @@ def compiled_linear(x: torch.Tensor, w0: torch.Tensor, b0: Optional[torch.Tensor
     if present and len(present) != len(biases):
         raise ValueError("compiled_linear: either every branch has a bias or none has")
     shape = x.shape
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     x3 = x.reshape(shape[0] if x.dim() > 1 else 1, -1, shape[-1]).to(dtype).contiguous()
     y = merged_linear(x3, w0, b0, list(weights), present, keep,
                       [geom.groups for geom in geometries], geometry.channel_shuffle,

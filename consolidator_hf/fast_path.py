@@ -25,13 +25,9 @@ device. Correcting every row by ``(m_k - s)`` instead (fixed shapes, what the tr
 formulation does) measured 1.49x the eager floor's step on ViT-B/16 (batch 8, 2 CPU threads)
 against 1.05x for these row runs (README, "Fast training path").
 
-``W`` differs from ``W0`` only on the union of the branches' supports (``out * in/g``
-entries per branch), so it is never built as a new dense matrix: the values ``W`` takes
-there are formed in fp32 (then cast), written into ``W0`` in place, the GEMM runs, and the
-original entries are written back bit for bit. Under autocast the weight is cast to the
-compute dtype anyway; the patch then goes into that copy and ``W0`` is not touched. The patched
-values (a vector of ``out * in/g`` numbers) are kept for backward, which patches again for
-the input gradient instead of keeping a dense weight per layer alive.
+``W`` differs from ``W0`` only on the union of the branches' supports, so it is never built as a
+new dense matrix: :mod:`consolidator_hf.union_patch` writes the values ``W`` takes there into
+``W0`` in place for the GEMM and restores them bit for bit (module docstring there).
 
 Gradients (``g`` the output gradient, ``m_k`` the per-sample mask, ``1/(1-p)`` or 0):
 
@@ -61,7 +57,6 @@ compiled step computes exactly this design, and leaves rebuilding the input to t
 from __future__ import annotations
 
 import functools
-from contextlib import nullcontext
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
@@ -72,135 +67,8 @@ from . import grouped
 from .grouped import Geometry
 from .input_rebuild import InputRebuild, take_samples
 from .input_rebuild import as_rows as _rows
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
-def _autocast_off(device_type: str):
-    """Autocast disabled for a block (the fast path picks its dtypes itself); entering the
-    context costs more than the small ops it would wrap, so it is skipped when already off."""
-    if torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
-    return nullcontext()
-
-
-# ------------------------------------------------------------------ the union of the supports
-class UnionState(NamedTuple):
-    """Where the branches sit in ``W0``.
-
-    ``union``: flat indices of ``W0`` covered by any branch (a single branch's support in its
-    own order, so its compact weight maps onto it without a gather); ``positions[k]``: where
-    branch ``k``'s entries sit in ``union`` (``None`` when they are ``union`` itself);
-    ``original``: ``W0`` read on ``union`` in fp32 or wider; ``native``: the same in ``W0``'s
-    dtype, to restore it bit for bit; ``plans[k]``: branch ``k``'s
-    :class:`~consolidator_hf.grouped.BlockPlan` (asked for once here, not on every call);
-    ``flat``: ``W0.data`` as a flat view, what the patch writes through (``None`` when ``W0`` is
-    not contiguous).
-    """
-
-    union: torch.Tensor
-    positions: List[Optional[torch.Tensor]]
-    original: torch.Tensor
-    native: torch.Tensor
-    plans: Tuple[grouped.BlockPlan, ...]
-    flat: Optional[torch.Tensor]
-
-
-class UnionCache:
-    """One layer's :class:`UnionState`, rebuilt when ``W0`` moves, is replaced or changes in
-    place (its device, dtype, storage object, data pointer or version counter differ from the
-    cached key). The state's ``flat`` view keeps the cached storage alive, so a new storage
-    cannot take its address and pass for it."""
-
-    __slots__ = ("_key", "_state")
-
-    def __init__(self) -> None:
-        self._key: Optional[tuple] = None
-        self._state: Optional[UnionState] = None
-
-    def get(self, w0: torch.Tensor, geometries: Sequence[Geometry]) -> UnionState:
-        # untyped_storage()._cdata: the storage object's identity, read without a dispatch
-        key = (w0.device, w0.dtype, w0.untyped_storage()._cdata, w0.data_ptr(), w0._version)
-        if self._state is None or self._key != key:
-            union, positions = union_index(tuple(w0.shape), tuple(geometries), w0.device)
-            self._key, self._state = key, union_state(w0, union, positions, geometries)
-        return self._state
-
-
-def union_index(shape: Tuple[int, int], geometries: Tuple[Geometry, ...], device
-                ) -> Tuple[torch.Tensor, List[Optional[torch.Tensor]]]:
-    """``(union, positions)`` of :class:`UnionState` for a ``(out, in)`` weight."""
-    out_f, in_f = shape
-    idxs = [grouped.support_index(in_f, out_f, **geom._asdict(), device=device).reshape(-1)
-            for geom in geometries]
-    if len(idxs) == 1:
-        return idxs[0], [None]
-    union = grouped.union_support(idxs)
-    return union, [torch.searchsorted(union, i) for i in idxs]
-
-
-def union_state(w0: torch.Tensor, union: torch.Tensor, positions: List[Optional[torch.Tensor]],
-                geometries: Sequence[Geometry]) -> UnionState:
-    """:class:`UnionState` of ``W0`` as it is now (its entries on ``union`` read once)."""
-    native = w0.detach().reshape(-1).index_select(0, union)
-    wide = native.to(grouped.sum_dtype(native.dtype))
-    out_f, in_f = w0.shape
-    plans = tuple(grouped.block_plan(in_f, out_f, g.groups, row_offset=g.row_offset,
-                                     virtual_out_features=g.virtual_out_features)
-                  for g in geometries)
-    # Through .data: the patch must not bump the version counter autograd checks on W0
-    # (see _patched_matmul).
-    flat = w0.data.view(-1) if w0.is_contiguous() else None
-    return UnionState(union, positions, wide, native, plans, flat)
-
-
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``; a no-op ``.to`` still costs a dispatch, and the fast path's host
-    time per layer is made of such calls."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-# ------------------------------------------------------------------ the patched weight
-def _patch(state: UnionState, b0: Optional[torch.Tensor], weights: Sequence[torch.Tensor],
-           biases: Sequence[Optional[torch.Tensor]], scale: float, dtype: torch.dtype
-           ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """``W0 + scale * sum_k D_k`` on the union of the supports (in the order of
-    ``state.union``) and ``b0 + scale * sum_k c_k``: :func:`grouped.merged_linear` in fp32,
-    cast to ``dtype``. Like everything below, called only where autograd records nothing
-    (inside the Function's forward/backward or a custom op), so no ``detach`` is needed."""
-    values, bias = grouped.merged_linear(
-        state.original, b0, weights, biases,
-        scale=scale, positions=state.positions)
-    return _as(values, dtype), (_as(bias, dtype) if bias is not None else None)
-
-
-def _patched_matmul(fn: Callable[[torch.Tensor], torch.Tensor], w0: torch.Tensor,
-                    state: UnionState, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``fn(W)`` for ``W``: ``W0`` with ``values`` written on the union support, in ``dtype``.
-
-    When ``dtype`` is the base weight's dtype the base weight itself is patched and restored
-    exactly afterwards (no dense copy); otherwise the patch goes into the cast copy the GEMM
-    needs anyway.
-    """
-    flat = state.flat
-    if w0.dtype != dtype or flat is None:
-        target = w0.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-        target.view(-1).index_copy_(0, state.union, values)
-        return fn(target)
-    if flat.untyped_storage()._cdata != w0.untyped_storage()._cdata:
-        flat = w0.data.view(-1)  # not expected (the cache key holds the storage): a safety net
-    # Through W0.data: the original entries are back before anything else can read W0, so the
-    # patch must not bump the version counter autograd checks on W0 (a frozen weight saved by
-    # some other op would otherwise raise on backward).
-    flat.index_copy_(0, state.union, values)
-    try:
-        return fn(w0)
-    finally:
-        flat.index_copy_(0, state.union, state.native)
+from .union_patch import (UnionCache, UnionState, as_dtype, autocast_off, compute_dtype,
+                          patch_values, patched_matmul)
 
 
 # ------------------------------------------------------------------ the autograd Function
@@ -287,7 +155,7 @@ def _diagonals(spec: _Spec, state: UnionState, weights: Sequence[torch.Tensor],
                dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], ...]:
     """The block diagonals of the branches some sample dropped (what the corrections multiply
     by), formed once for a forward and its backward."""
-    return tuple(grouped.block_diagonal(_as(weights[k], dtype), state.plans[k]) if runs else None
+    return tuple(grouped.block_diagonal(as_dtype(weights[k], dtype), state.plans[k]) if runs else None
                  for k, runs in enumerate(spec.dropped))
 
 
@@ -323,8 +191,8 @@ def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Ten
                  ) -> Tuple[torch.Tensor, _Step]:
     """``y = x W^T + b`` through the patched weight, then every dropped sample's branches taken
     back out of its rows; ``xc`` is ``(batch, ..., in)`` in ``dtype``, contiguous."""
-    values, bias = _patch(state, b0, weights, biases, spec.scale, dtype)
-    y = _patched_matmul(lambda w: F.linear(xc, w, bias), w0, state, values, dtype)
+    values, bias, native = patch_values(state, w0, b0, weights, biases, spec.scale, dtype)
+    y = patched_matmul(lambda w: F.linear(xc, w, bias), w0, state, values, dtype, native)
     diagonals = _diagonals(spec, state, weights, dtype)
     index = _indices(spec, xc.device)
     batch = xc.shape[0]
@@ -335,7 +203,7 @@ def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Ten
         def rows(x_rows: torch.Tensor) -> torch.Tensor:
             part = grouped.forward_blocks(x_rows, diagonals[k], w0.shape[0], state.plans[k],
                                           geom.groups, geom.channel_shuffle)
-            return part + _as(c_k, dtype) if c_k is not None else part
+            return part + as_dtype(c_k, dtype) if c_k is not None else part
         return rows
 
     # take branch k back out of the samples that dropped it
@@ -345,12 +213,12 @@ def forward_rows(spec: _Spec, state: UnionState, xc: torch.Tensor, w0: torch.Ten
     return y, _Step(spec, state, values, dtype, batch, diagonals, index)
 
 
-def backward_step(spec: _Spec, state: UnionState, b0: Optional[torch.Tensor],
+def backward_step(spec: _Spec, state: UnionState, w0: torch.Tensor, b0: Optional[torch.Tensor],
                   weights: Sequence[torch.Tensor], biases: Sequence[Optional[torch.Tensor]],
                   dtype: torch.dtype, batch: int) -> _Step:
     """The :class:`_Step` :func:`forward_rows` returned, rebuilt from the same inputs (the
     compiled ops keep no Python state between forward and backward)."""
-    values, _ = _patch(state, b0, weights, biases, spec.scale, dtype)
+    values, _, _ = patch_values(state, w0, b0, weights, biases, spec.scale, dtype)
     return _Step(spec, state, values, dtype, batch, _diagonals(spec, state, weights, dtype),
                  _indices(spec, state.union.device))
 
@@ -361,7 +229,7 @@ def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     ``(rows, in)``."""
     spec, dtype = step.spec, step.dtype
     g2 = _rows(g)
-    grad_x = _patched_matmul(lambda w: torch.mm(g2, w), w0, step.state, step.patch, dtype)
+    grad_x = patched_matmul(lambda w: torch.mm(g2, w), w0, step.state, step.patch, dtype)
     for k, runs in enumerate(spec.dropped):
         if runs:
             _take_out(grad_x, g2, runs, step.index[k], step.batch, spec.scale,
@@ -415,7 +283,7 @@ def branch_weight_grad(step: _Step, g2: torch.Tensor, x_rows, k: int, shape: tor
                                     geom.channel_shuffle, in_features, ranges, minus)
     if step.spec.scale != 1.0:
         # a fresh tensor, scaled in place, in fp32 or wider
-        gw = _as(gw, grouped.sum_dtype(gw.dtype)).mul_(step.spec.scale)
+        gw = as_dtype(gw, grouped.sum_dtype(gw.dtype)).mul_(step.spec.scale)
     return gw
 
 
@@ -489,9 +357,9 @@ class _MergedBranchLinear(torch.autograd.Function):
                 *branch_params: Optional[torch.Tensor]):
         n = len(spec.geometries)
         weights, biases = branch_params[:n], branch_params[n:]
-        dtype = _compute_dtype(x)
-        with _autocast_off(x.device.type):
-            xc = _as(x, dtype).contiguous()
+        dtype = compute_dtype(x)
+        with autocast_off(x.device.type):
+            xc = as_dtype(x, dtype).contiguous()
             y, step = forward_rows(spec, state, xc, w0, b0, weights, biases, dtype)
         needs = _needs(ctx, n)
         if not needs.x_rows and rebuild is not None:
@@ -520,18 +388,18 @@ class _MergedBranchLinear(torch.autograd.Function):
 
         def x_rows():
             if ctx.rebuild is None:
-                return _rows(_as(saved_x, step.dtype))
+                return _rows(as_dtype(saved_x, step.dtype))
             return ctx.rebuild.rows(rebuild_tensors, step.dtype)
 
-        with _autocast_off(grad_out.device.type):
-            g = _as(grad_out, step.dtype).contiguous()
+        with autocast_off(grad_out.device.type):
+            g = as_dtype(grad_out, step.dtype).contiguous()
             grads = gradients(step, g, w0, weights, x_rows, needs)
-        grad_x = _as(grads.x.view(ctx.x_shape), ctx.x_dtype) if grads.x is not None else None
-        grad_w0 = _as(grads.w0, w0_dtype) if grads.w0 is not None else None
-        grad_b0 = _as(grads.b0, b0_dtype) if grads.b0 is not None else None
-        grad_weights = [_as(t, weight_dtypes[k]) if t is not None else None
+        grad_x = as_dtype(grads.x.view(ctx.x_shape), ctx.x_dtype) if grads.x is not None else None
+        grad_w0 = as_dtype(grads.w0, w0_dtype) if grads.w0 is not None else None
+        grad_b0 = as_dtype(grads.b0, b0_dtype) if grads.b0 is not None else None
+        grad_weights = [as_dtype(t, weight_dtypes[k]) if t is not None else None
                         for k, t in enumerate(grads.weights)]
-        grad_biases = [_as(t, bias_dtypes[k]) if t is not None else None
+        grad_biases = [as_dtype(t, bias_dtypes[k]) if t is not None else None
                        for k, t in enumerate(grads.biases)]
         return (None,) * _N_META + (grad_x, grad_w0, grad_b0, *grad_weights, *grad_biases)
 

@@ -13,8 +13,9 @@ from torch import nn
 
 from . import grouped
 from . import compiled_path
-from .fast_path import UnionCache, fast_linear
+from .fast_path import fast_linear
 from .grouped import Geometry
+from .union_patch import UnionCache
 from .config import IMPLS  # "fast" (one merged-weight GEMM, default) | "reference" (the oracle)
 
 

@@ -518,10 +518,11 @@ def test_unreadable_producer_falls_back_to_saving_the_input_with_one_warning(mon
 
 
 def test_union_cache_follows_the_base_weight_it_patches():
-    """The fast path caches W0's entries on the union support (and a view it patches through):
-    an in-place change of W0, a new tensor assigned to the parameter's ``.data`` and a replaced
-    parameter must each be seen on the next forward (results = reference), and W0 is left as
-    it was after every forward (no cached value written back over new weights)."""
+    """The fast path caches where the branches sit in W0 (and a view it patches through), not
+    W0's values: an in-place change of W0, one through ``.data`` (which moves no version
+    counter of W0), a new tensor assigned to the parameter's ``.data`` and a replaced parameter
+    must each be seen on the next forward (results = reference), and W0 is left as it was after
+    every forward (no stale value written back over new weights)."""
     torch.manual_seed(0)
     layer = ConsolidatorLinear(nn.Linear(12, 24), (4, 2), drop_rate=0.0).train()
     layer.base_layer.weight.requires_grad_(False)
@@ -539,6 +540,10 @@ def test_union_cache_follows_the_base_weight_it_patches():
     with torch.no_grad():
         layer.base_layer.weight.mul_(-2.0)  # in place: the version counter moves
     check()
+    new = torch.randn(24, 12)
+    layer.base_layer.weight.data.copy_(new)  # in place, no version counter of W0 moves
+    check()
+    assert torch.equal(layer.base_layer.weight, new)
     layer.base_layer.weight.data = torch.randn(24, 12)  # a new storage behind the parameter
     check()
     layer.base_layer.weight = nn.Parameter(torch.randn(24, 12), requires_grad=False)
@@ -574,7 +579,8 @@ def _fast_and_oracle(keep, case=(12, 24, (4, 2), 0, None), tokens=3, seed=0):
     """Output and gradients of ``fast_linear`` and of :func:`_oracle` for explicit keep flags
     (the layer input a LayerNorm output, so the fast path rebuilds it), with the aten ops the
     fast path's forward + backward dispatched."""
-    from consolidator_hf.fast_path import UnionCache, fast_linear
+    from consolidator_hf.fast_path import fast_linear
+    from consolidator_hf.union_patch import UnionCache
     from consolidator_hf.grouped import Geometry
 
     in_f, out_f, groups, row_offset, vout = case

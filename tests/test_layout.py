@@ -110,7 +110,8 @@ def test_scripts_import_only_public_modules(script):
 def test_core_modules_know_no_architecture():
     # Architecture knowledge lives in targets.py: the core names no ViT-family module.
     words = ("q_proj", "o_proj", "fc1", "fc2", "intermediate", "classifier", "ViT", "Dinov2")
-    for name in ("grouped", "layer", "model", "fast_path", "compiled_path", "input_rebuild"):
+    for name in ("grouped", "layer", "model", "fast_path", "union_patch", "compiled_path",
+                 "input_rebuild"):
         path = os.path.join(ROOT, PKG, name + ".py")
         if not os.path.exists(path):
             continue
