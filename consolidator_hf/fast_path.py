@@ -140,7 +140,10 @@ class _Step(NamedTuple):
     """What backward needs of a forward besides saved tensors: the spec, where the branches sit
     in ``W0``, the patched values, the compute dtype, the batch size, per branch that some
     sample dropped its :func:`grouped.block_diagonal` in the compute dtype (else ``None``), and
-    per branch whose dropped samples are gathered their ids on the device (else ``None``)."""
+    per branch whose dropped samples are gathered their ids on the device (else ``None``);
+    ``native``: ``W0``'s entries on the union as read for ``patch`` when the step is rebuilt in
+    backward (what the input gradient's patch restores), ``None`` for a forward's step (which
+    keeps no copy of them until backward: backward reads them again)."""
 
     spec: _Spec
     state: UnionState
@@ -149,6 +152,7 @@ class _Step(NamedTuple):
     batch: int
     diagonals: Tuple[Optional[torch.Tensor], ...]
     index: Tuple[Optional[torch.Tensor], ...]
+    native: Optional[torch.Tensor] = None
 
 
 def _diagonals(spec: _Spec, state: UnionState, weights: Sequence[torch.Tensor],
@@ -218,9 +222,9 @@ def backward_step(spec: _Spec, state: UnionState, w0: torch.Tensor, b0: Optional
                   dtype: torch.dtype, batch: int) -> _Step:
     """The :class:`_Step` :func:`forward_rows` returned, rebuilt from the same inputs (the
     compiled ops keep no Python state between forward and backward)."""
-    values, _, _ = patch_values(state, w0, b0, weights, biases, spec.scale, dtype)
+    values, _, native = patch_values(state, w0, b0, weights, biases, spec.scale, dtype)
     return _Step(spec, state, values, dtype, batch, _diagonals(spec, state, weights, dtype),
-                 _indices(spec, state.union.device))
+                 _indices(spec, state.union.device), native)
 
 
 def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
@@ -229,7 +233,8 @@ def input_grad(step: _Step, g: torch.Tensor, w0: torch.Tensor) -> torch.Tensor:
     ``(rows, in)``."""
     spec, dtype = step.spec, step.dtype
     g2 = _rows(g)
-    grad_x = patched_matmul(lambda w: torch.mm(g2, w), w0, step.state, step.patch, dtype)
+    grad_x = patched_matmul(lambda w: torch.mm(g2, w), w0, step.state, step.patch, dtype,
+                            step.native)
     for k, runs in enumerate(spec.dropped):
         if runs:
             _take_out(grad_x, g2, runs, step.index[k], step.batch, spec.scale,

@@ -155,10 +155,11 @@ def patched_matmul(fn: Callable[[torch.Tensor], torch.Tensor], w0: torch.Tensor,
         target.view(-1).index_copy_(0, state.union, values)
         return fn(target)
     if flat.untyped_storage()._cdata != w0.untyped_storage()._cdata:
-        flat = w0.data.view(-1)  # not expected (the cache key holds the storage): a safety net
-        native = None
+        # not expected (the cache key holds the storage): a safety net
+        state = state._replace(flat=w0.data.view(-1))
+        flat, native = state.flat, None
     if native is None:
-        native = flat.index_select(0, state.union)
+        native = read_union(w0, state)
     # Through W0.data: the original entries are back before anything else can read W0, so the
     # patch must not bump the version counter autograd checks on W0 (a frozen weight saved by
     # some other op would otherwise raise on backward).
