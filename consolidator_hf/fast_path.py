@@ -57,7 +57,7 @@ compiled step computes exactly this design, and leaves rebuilding the input to t
 from __future__ import annotations
 
 import functools
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,7 @@ from torch.autograd.function import once_differentiable
 
 from . import grouped
 from .grouped import Geometry
-from .input_rebuild import InputRebuild, take_samples
+from .input_rebuild import InputRebuild, RowFunction, take_samples
 from .input_rebuild import as_rows as _rows
 from .union_patch import (UnionCache, UnionState, as_dtype, autocast_off, compute_dtype,
                           patch_values, patched_matmul)
@@ -266,8 +266,8 @@ def bias_grads(step: _Step, g: torch.Tensor) -> Tuple[torch.Tensor, List[torch.T
     return total, per_branch
 
 
-def branch_weight_grad(step: _Step, g2: torch.Tensor, x_rows, k: int, shape: torch.Size,
-                       in_features: int) -> torch.Tensor:
+def branch_weight_grad(step: _Step, g2: torch.Tensor, x_rows: Union[torch.Tensor, RowFunction],
+                       k: int, shape: torch.Size, in_features: int) -> torch.Tensor:
     """Branch ``k``'s compact weight gradient over the rows of the samples that kept it,
     times ``s`` (:func:`grouped.grouped_weight_grad`); ``x_rows`` the layer input as
     ``(rows, in)`` or a :class:`~consolidator_hf.input_rebuild.RowFunction` (rebuilt).
@@ -281,9 +281,7 @@ def branch_weight_grad(step: _Step, g2: torch.Tensor, x_rows, k: int, shape: tor
     ranges, minus = [(a * tokens, b * tokens) for a, b in kept], None
     if index is not None and len(kept) > 1:
         ranges = None
-        minus = (take_samples(g2, index, step.batch),
-                 take_samples(x_rows, index, step.batch) if isinstance(x_rows, torch.Tensor)
-                 else x_rows.gather(index, step.batch))
+        minus = (take_samples(g2, index, step.batch), take_samples(x_rows, index, step.batch))
     gw = grouped.weight_grad_blocks(g2, x_rows, step.state.plans[k], geom.groups,
                                     geom.channel_shuffle, in_features, ranges, minus)
     if step.spec.scale != 1.0:

@@ -9,7 +9,7 @@ Under ``torch.compile`` the same trade is made by the compiler
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +20,14 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def take_samples(t: torch.Tensor, samples: torch.Tensor, batch: int) -> torch.Tensor:
+def take_samples(t: Union[torch.Tensor, "RowFunction"], samples: torch.Tensor, batch: int
+                 ) -> torch.Tensor:
     """The rows of the given samples of ``t`` (``(rows, f)`` or ``(batch, ..., f)``, every sample
     the same number of rows), as ``(len(samples) * rows per sample, f)``: one ``index_select``
-    whatever the samples are (``samples``: a long tensor on ``t``'s device)."""
+    whatever the samples are (``samples``: a long tensor on ``t``'s device). A
+    :class:`RowFunction` builds just those rows from the same rows of its parts."""
+    if isinstance(t, RowFunction):
+        return t.gather(samples, batch)
     # (a reshape only where dim 0 is not the samples: each is a dispatch)
     picked = (t if t.shape[0] == batch else t.reshape(batch, -1)).index_select(0, samples)
     return picked if picked.dim() == 2 and picked.shape[-1] == t.shape[-1] \
