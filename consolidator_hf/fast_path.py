@@ -181,8 +181,7 @@ def _take_out(target: torch.Tensor, source: torch.Tensor, runs: Runs,
         samples = target if target.shape[0] == batch else target.view(batch, -1)
         samples.index_add_(0, index, part.view(index.shape[0], *samples.shape[1:]), alpha=-scale)
         return
-    if source.dim() != 2:  # (a reshape of a 2-d tensor is a dispatch too)
-        source, target = _rows(source), _rows(target)
+    source, target = _rows(source), _rows(target)
     tokens = source.shape[0] // batch  # rows per sample
     for a, b in runs:
         rows = slice(a * tokens, b * tokens)
@@ -325,6 +324,7 @@ def gradients(step: _Step, g: torch.Tensor, w0: torch.Tensor, weights: Sequence[
     :class:`~consolidator_hf.input_rebuild.RowFunction`; it is called only when a weight
     gradient needs it."""
     n = len(weights)
+    g = _rows(g)  # once for every reader below (each reshape is a dispatch)
     grad_x = input_grad(step, g, w0) if needs.x else None
     grad_b0, grad_c = None, [None] * len(needs.biases)
     if needs.b0 or any(needs.biases):
@@ -333,11 +333,11 @@ def gradients(step: _Step, g: torch.Tensor, w0: torch.Tensor, weights: Sequence[
         grad_c = [per_branch[k] if need else None for k, need in enumerate(needs.biases)]
     grad_w, grad_w0 = [None] * n, None
     if needs.x_rows:
-        x, g2 = x_rows(), _rows(g)
-        grad_w = [branch_weight_grad(step, g2, x, k, weights[k].shape, w0.shape[1])
+        x = x_rows()
+        grad_w = [branch_weight_grad(step, g, x, k, weights[k].shape, w0.shape[1])
                   if needs.weights[k] else None for k in range(n)]
         if needs.w0:
-            grad_w0 = g2.t() @ (x if isinstance(x, torch.Tensor) else x(0, g2.shape[0]))
+            grad_w0 = g.t() @ (x if isinstance(x, torch.Tensor) else x(0, g.shape[0]))
     return Grads(grad_x, grad_w0, grad_b0, grad_w, grad_c)
 
 

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 
 def as_rows(t: torch.Tensor) -> torch.Tensor:
-    """``t`` as ``(rows, features)``: a view."""
-    return t.reshape(-1, t.shape[-1])
+    """``t`` as ``(rows, features)``: a view (``t`` itself when it already is: a reshape to the
+    same shape would still cost a dispatch, and the fast path calls this on every step)."""
+    return t if t.dim() == 2 else t.reshape(-1, t.shape[-1])
 
 
 def take_samples(t: Union[torch.Tensor, "RowFunction"], samples: torch.Tensor, batch: int
