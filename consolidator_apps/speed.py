@@ -114,6 +114,36 @@ class RssPeak:
         self.peak = max(self.peak, current_rss())
 
 
+def peak_tensor_bytes(fn, device) -> int:
+    """Peak bytes of tensors allocated while ``fn()`` runs, above what was live before it: the
+    allocator-level peak, unlike RSS, which under the tuned malloc settings also counts freed
+    heap memory kept for reuse (so a configuration with more distinct allocation sizes shows a
+    higher RSS for the same tensors). On CUDA ``torch.cuda.max_memory_allocated``; on the CPU
+    the profiler's memory events (``+n`` per allocation, ``-n`` per free, summed in time
+    order: what ``max_memory_allocated`` would say if the CPU allocator kept the statistic)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    # kineto's raw events: FunctionEvent lists attribute memory to ops, not to time order
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type().name == "CPU")
+    live = peak = 0
+    for _, nbytes in events:
+        live += nbytes
+        peak = max(peak, live)
+    return peak
+
+
 def saved_activation_bytes(model, x, y, params) -> int:
     """Bytes of the distinct storages autograd saves in one forward (parameters excluded)."""
     import torch

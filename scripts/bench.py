@@ -26,7 +26,10 @@ memory is the peak RSS of a worker during its steps minus its RSS before the fir
 (optimizer state and gradients included; sampled every 2 ms), or ``max_memory_allocated``
 minus the memory allocated before the first step on CUDA.
 
-Two figures that the machine's noise cannot move are reported beside them: the bytes of
+Three figures that the machine's noise cannot move are reported beside them: the peak bytes of
+tensors live during one (extra, untimed) step above what was live before it
+(``speed.peak_tensor_bytes``: the allocator-level peak; on the CPU the RSS peak also counts freed
+heap memory malloc keeps, which varies with the sizes a configuration allocates), the bytes of
 activations autograd saves in one forward pass (distinct storages, parameters excluded; what
 the fast path's input rebuild is about) and the minor page faults per step (fresh memory the
 allocator had to take from the kernel). By default the workers run with glibc's malloc told to
@@ -62,7 +65,8 @@ from typing import Any, Dict, List, Optional
 from consolidator_apps import speed
 from consolidator_apps.speed import (
     MODEL_SIZES, RssPeak, build_base, build_train_model, consolidator_config, current_rss,
-    layer_op_counts, layer_overhead_us, median_time, release_free_memory, saved_activation_bytes,
+    layer_op_counts, layer_overhead_us, median_time, peak_tensor_bytes, release_free_memory,
+    saved_activation_bytes,
     sync)
 
 TRAIN_CONFIGS = ["floor", "consolidator_fast", "consolidator_reference", "full_ft", "lora_r8_qv"]
@@ -153,8 +157,11 @@ def train_worker(args: argparse.Namespace) -> None:
                 mem = torch.cuda.max_memory_allocated(device) - alloc0
             else:
                 mem = peak.peak - rss0
+            # one more (untimed) step for the allocator-level peak, which RSS is not on the
+            # CPU; after the timed steps, whose RSS the profiler's own buffers would inflate
+            tensor_peak = peak_tensor_bytes(step, device)
             _send({"peak_mem_bytes": mem, "peak_rss_bytes": peak.peak, "rss_before_bytes": rss0,
-                   "saved_activation_bytes": saved})
+                   "saved_activation_bytes": saved, "peak_tensor_bytes": tensor_peak})
         elif cmd == "quit":
             return
 
@@ -316,6 +323,7 @@ def run_training(args: argparse.Namespace, configs: List[str]) -> Dict[str, Dict
         res["step_cpu_s"] = statistics.median(res["step_cpu_s_all"])
         res["cpu_time_ratio_to_floor"] = res["step_cpu_s"] / floor_cpu
         res["mem_ratio_to_floor"] = res["peak_mem_bytes"] / floor["peak_mem_bytes"]
+        res["tensor_mem_ratio_to_floor"] = res["peak_tensor_bytes"] / floor["peak_tensor_bytes"]
         res["saved_activation_ratio_to_floor"] = \
             res["saved_activation_bytes"] / floor["saved_activation_bytes"]
         res["page_faults_per_step"] = statistics.median(res["page_faults_all"])
@@ -332,14 +340,18 @@ def run_training(args: argparse.Namespace, configs: List[str]) -> Dict[str, Dict
 
 def markdown_table(report: Dict[str, Any]) -> str:
     lines = ["| configuration | trainable params | step time (s), median | × floor | fastest step × "
-             "floor | step CPU time × floor | peak train memory (MiB) | × floor | saved "
-             "activations (MiB) | × floor | page faults / step |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "floor | step CPU time × floor | peak train memory (MiB) | × floor | peak tensor "
+             "memory in a step (MiB) | × floor | saved activations (MiB) | × floor | "
+             "page faults / step |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| ---: |"]
     for c, r in report["train"].items():
         lines.append(f"| {c} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
                      f"{r['time_ratio_to_floor']:.3f} | {r['min_time_ratio_to_floor']:.3f} | "
                      f"{r['cpu_time_ratio_to_floor']:.3f} | "
                      f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['mem_ratio_to_floor']:.3f} | "
+                     f"{r['peak_tensor_bytes'] / 2**20:.1f} | "
+                     f"{r['tensor_mem_ratio_to_floor']:.3f} | "
                      f"{r['saved_activation_bytes'] / 2**20:.1f} | "
                      f"{r['saved_activation_ratio_to_floor']:.3f} | "
                      f"{r['page_faults_per_step']:,.0f} |")
@@ -393,7 +405,8 @@ def write_chart(report: Dict[str, Any], path: str) -> None:
     overhead = report["inference"].get("layer_overhead_us")
     fig, axes = plt.subplots(1, 4 if overhead else 3, figsize=(20 if overhead else 15, 4.5))
     for ax, key, title in ((axes[0], "time_ratio_to_floor", "training step time / floor"),
-                           (axes[1], "mem_ratio_to_floor", "peak training memory / floor")):
+                           (axes[1], "tensor_mem_ratio_to_floor",
+                            "peak tensor memory in a step / floor")):
         vals = [train[n][key] for n in names]
         ax.bar(range(len(names)), vals, color=["grey"] + ["C0"] * (len(names) - 1))
         ax.axhline(1.0, color="k", lw=0.8)

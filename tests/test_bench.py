@@ -33,6 +33,7 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
                 "saved_activation_bytes", "saved_activation_ratio_to_floor",
                 "page_faults_per_step"} <= set(r)
         assert r["peak_mem_bytes"] >= 0 and r["saved_activation_bytes"] > 0
+        assert r["peak_tensor_bytes"] > 0 and "tensor_mem_ratio_to_floor" in r
         assert len(r["page_faults_all"]) == 2 and min(r["page_faults_all"]) >= 0
     # Inputs are rebuilt, not kept, and the drop masks stay host flags: the fast path saves
     # exactly the floor's activations; the reference path keeps its branches' intermediates.
@@ -40,6 +41,10 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
     assert train["consolidator_fast"]["saved_activation_bytes"] == \
         train["floor"]["saved_activation_bytes"]
     assert train["consolidator_reference"]["saved_activation_ratio_to_floor"] > 1.01
+    # the allocator-level peak follows: the reference's dense branch matrices and intermediates
+    assert train["consolidator_reference"]["peak_tensor_bytes"] > \
+        train["consolidator_fast"]["peak_tensor_bytes"]
+    assert "| peak tensor memory in a step (MiB) |" in proc.stdout
     assert report["args"]["allocator"] == "tuned"
     assert report["train"]["floor"]["time_ratio_to_floor"] == 1.0
     # Branches add trainable parameters on top of the floor; both impls train the same set.
@@ -108,3 +113,23 @@ def test_bench_worker_bf16_steps_under_autocast(tmp_path):
         assert ready["ready"] and step["step_s"] > 0
         saved[name] = report["saved_activation_bytes"]
     assert 0 < saved["bf16"] < 0.9 * saved["fp32"], saved
+
+
+def test_peak_tensor_bytes_is_the_allocator_peak_on_the_cpu():
+    """Live tensor bytes summed over the profiler's allocation and free events, in time order:
+    4 MiB and 2 MiB live together, then 2 MiB + 1 MiB: the peak is exactly 6 MiB."""
+    import torch
+
+    from consolidator_apps.speed import peak_tensor_bytes
+
+    before = torch.empty(1 << 22)  # live before the call: not counted
+
+    def work():
+        a = torch.empty(1 << 20)
+        b = torch.empty(1 << 19)
+        del a
+        c = torch.empty(1 << 18)
+        return b, c
+
+    assert peak_tensor_bytes(work, torch.device("cpu")) == 6 << 20
+    assert before.numel() == 1 << 22
