@@ -88,6 +88,31 @@ def release_free_memory() -> None:
         pass
 
 
+JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
+                  "/usr/lib/aarch64-linux-gnu/libjemalloc.so.2", "/usr/lib64/libjemalloc.so.2",
+                  "/usr/local/lib/libjemalloc.so.2", "/usr/lib/libjemalloc.so.2")
+
+
+def find_jemalloc() -> Optional[str]:
+    """Path of a jemalloc shared library to ``LD_PRELOAD`` into a worker (Debian/Ubuntu:
+    ``apt install libjemalloc2``), or ``None``."""
+    import ctypes.util
+
+    for path in JEMALLOC_PATHS:
+        if os.path.exists(path):
+            return path
+    name = ctypes.util.find_library("jemalloc")
+    return name if name and os.path.isabs(name) else None
+
+
+def malloc_in_use() -> str:
+    """Which malloc this process runs on: ``"jemalloc"`` or ``"tcmalloc"`` when one is mapped
+    into it (preloaded), else ``"glibc"``."""
+    with open("/proc/self/maps") as f:
+        maps = f.read()
+    return next((name for name in ("jemalloc", "tcmalloc") if name in maps), "glibc")
+
+
 class RssPeak:
     """Peak RSS while active, sampled by a thread (torch ops release the GIL)."""
 

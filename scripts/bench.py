@@ -36,7 +36,11 @@ allocator had to take from the kernel). By default the workers run with glibc's 
 keep freed memory (``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_``, the role jemalloc or
 tcmalloc play in PyTorch's CPU tuning guides), the same for every configuration: with the
 system defaults the page-fault count of one configuration varied 10x between identical runs
-here, swamping the differences being measured. ``--allocator system`` measures the defaults.
+here, swamping the differences being measured. ``--allocator system`` measures the defaults,
+``--allocator jemalloc`` preloads jemalloc into the workers (``LD_PRELOAD``; Debian's
+``libjemalloc2``), where RSS stays near the live tensors (glibc's heap keeps freed, fragmented
+memory: the RSS peak is then well above the tensor peak, more so for configurations that
+allocate many distinct sizes).
 
 A last worker times inference (plain model, merged model, unmerged wrapper), the time to
 merge the whole model (``merge_and_unload``) and the adapter file size, and the host time one
@@ -145,7 +149,7 @@ def train_worker(args: argparse.Namespace) -> None:
     with amp():
         saved = saved_activation_bytes(model, x, y, params)
     _send({"ready": True, "trainable_params": sum(p.numel() for p in params),
-           "compile_s": compile_s})
+           "compile_s": compile_s, "malloc": speed.malloc_in_use()})
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "step":
@@ -238,6 +242,8 @@ def _spawn(args: argparse.Namespace, worker: str) -> subprocess.Popen:
     env = dict(os.environ)
     if args.allocator == "tuned":
         env.update(TUNED_MALLOC_ENV)
+    elif args.allocator == "jemalloc":
+        env["LD_PRELOAD"] = ":".join(filter(None, [args.jemalloc_path, env.get("LD_PRELOAD")]))
     return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                             bufsize=1, env=env)
 
@@ -290,7 +296,7 @@ def run_training(args: argparse.Namespace, configs: List[str]) -> Dict[str, Dict
         for c, p in procs.items():
             ready = _ask(p, None, c)
             results[c] = {"trainable_params": ready["trainable_params"],
-                          "compile_s": ready.get("compile_s"),
+                          "compile_s": ready.get("compile_s"), "malloc": ready["malloc"],
                           "step_s_all": [], "step_cpu_s_all": [], "page_faults_all": []}
         for r in range(args.repeats):
             order = configs[r % len(configs):] + configs[:r % len(configs)]
@@ -473,13 +479,20 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--bf16", action="store_true",
                    help="training steps (and the saved-activation probe) under bf16 autocast; "
                         "weights and merges stay fp32, inference rows stay fp32")
-    p.add_argument("--allocator", choices=["tuned", "system"], default="tuned",
-                   help="glibc malloc settings of the workers (see the module docstring)")
+    p.add_argument("--allocator", choices=["tuned", "system", "jemalloc"], default="tuned",
+                   help="the workers' malloc: glibc tuned or as it is, or jemalloc preloaded "
+                        "(see the module docstring)")
     p.add_argument("--output-dir", default="bench_out")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.repeats < 1 or args.threads < 1 or args.warmup < 0:
         p.error("--batch-size, --repeats and --threads must be >= 1, --warmup >= 0")
+    args.jemalloc_path = None
+    if args.allocator == "jemalloc" and not args.worker:
+        args.jemalloc_path = speed.find_jemalloc()
+        if args.jemalloc_path is None:
+            p.error("--allocator jemalloc: no libjemalloc.so.2 found (looked in "
+                    + ", ".join(speed.JEMALLOC_PATHS) + "; Debian/Ubuntu: apt install libjemalloc2)")
     if args.worker == "inference":
         inference_worker(args)
         return {}

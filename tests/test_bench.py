@@ -46,6 +46,7 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
         train["consolidator_fast"]["peak_tensor_bytes"]
     assert "| peak tensor memory in a step (MiB) |" in proc.stdout
     assert report["args"]["allocator"] == "tuned"
+    assert {r["malloc"] for r in train.values()} == {"glibc"}
     assert report["train"]["floor"]["time_ratio_to_floor"] == 1.0
     # Branches add trainable parameters on top of the floor; both impls train the same set.
     fast, ref = report["train"]["consolidator_fast"], report["train"]["consolidator_reference"]
@@ -133,3 +134,36 @@ def test_peak_tensor_bytes_is_the_allocator_peak_on_the_cpu():
 
     assert peak_tensor_bytes(work, torch.device("cpu")) == 6 << 20
     assert before.numel() == 1 << 22
+
+
+def test_bench_jemalloc_allocator_preloads_it_or_says_what_is_missing(tmp_path, monkeypatch,
+                                                                      capsys):
+    """``--allocator jemalloc``: the workers run on jemalloc (read off their memory maps), or,
+    where no libjemalloc is installed, the script stops with an error naming the library."""
+    import importlib.util
+
+    from consolidator_apps import speed
+
+    spec = importlib.util.spec_from_file_location("bench_script", os.path.join(ROOT, "scripts",
+                                                                               "bench.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(speed, "find_jemalloc", lambda: None)
+    import pytest
+
+    with pytest.raises(SystemExit):
+        bench.main(["--allocator", "jemalloc", "--output-dir", str(tmp_path / "none")])
+    assert "--allocator jemalloc: no libjemalloc.so.2 found" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+    monkeypatch.undo()
+    if speed.find_jemalloc() is None:
+        pytest.skip("no libjemalloc.so.2 on this machine (the error path above ran)")
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--model-size", "tiny",
+         "--batch-size", "2", "--repeats", "1", "--warmup", "1", "--threads", "1",
+         "--allocator", "jemalloc", "--configs", "floor", "--output-dir", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "bench.json").read_text())
+    assert report["train"]["floor"]["malloc"] == "jemalloc"
