@@ -141,13 +141,16 @@ class RssPeak:
 
 def peak_tensor_bytes(fn, device) -> int:
     """Peak bytes of tensors allocated while ``fn()`` runs, above what was live before it: the
-    allocator-level peak, unlike RSS, which under the tuned malloc settings also counts freed
-    heap memory kept for reuse (so a configuration with more distinct allocation sizes shows a
-    higher RSS for the same tensors). On CUDA ``torch.cuda.max_memory_allocated``; on the CPU
-    the profiler's memory events (``+n`` per allocation, ``-n`` per free, summed in time
-    order: what ``max_memory_allocated`` would say if the CPU allocator kept the statistic)."""
+    allocator-level peak, unlike RSS, which also counts freed memory glibc's heap keeps
+    (fragmented; with its default settings as with the bench's tuned ones), so a configuration
+    that allocates more distinct sizes shows a higher RSS for the same tensors. On CUDA
+    ``torch.cuda.max_memory_allocated``; on the CPU the profiler's memory events (``+n`` per
+    allocation, ``-n`` per free, summed in time order: what ``max_memory_allocated`` would say
+    if the CPU allocator kept the statistic)."""
     import torch
 
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"peak_tensor_bytes: device {device} (only cpu and cuda are measured)")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -134,6 +134,10 @@ def test_peak_tensor_bytes_is_the_allocator_peak_on_the_cpu():
 
     assert peak_tensor_bytes(work, torch.device("cpu")) == 6 << 20
     assert before.numel() == 1 << 22
+    import pytest
+
+    with pytest.raises(ValueError, match="device meta"):
+        peak_tensor_bytes(work, torch.device("meta"))
 
 
 def test_bench_jemalloc_allocator_preloads_it_or_says_what_is_missing(tmp_path, monkeypatch,
