@@ -5,6 +5,9 @@ import os
 import subprocess
 import sys
 
+import pytest
+from script_module import load_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -134,8 +137,6 @@ def test_peak_tensor_bytes_is_the_allocator_peak_on_the_cpu():
 
     assert peak_tensor_bytes(work, torch.device("cpu")) == 6 << 20
     assert before.numel() == 1 << 22
-    import pytest
-
     with pytest.raises(ValueError, match="device meta"):
         peak_tensor_bytes(work, torch.device("meta"))
 
@@ -144,17 +145,10 @@ def test_bench_jemalloc_allocator_preloads_it_or_says_what_is_missing(tmp_path, 
                                                                       capsys):
     """``--allocator jemalloc``: the workers run on jemalloc (read off their memory maps), or,
     where no libjemalloc is installed, the script stops with an error naming the library."""
-    import importlib.util
-
     from consolidator_apps import speed
 
-    spec = importlib.util.spec_from_file_location("bench_script", os.path.join(ROOT, "scripts",
-                                                                               "bench.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench")
     monkeypatch.setattr(speed, "find_jemalloc", lambda: None)
-    import pytest
-
     with pytest.raises(SystemExit):
         bench.main(["--allocator", "jemalloc", "--output-dir", str(tmp_path / "none")])
     assert "--allocator jemalloc: no libjemalloc.so.2 found" in capsys.readouterr().err
