@@ -94,15 +94,16 @@ JEMALLOC_PATHS = ("/usr/lib/x86_64-linux-gnu/libjemalloc.so.2",
 
 
 def find_jemalloc() -> Optional[str]:
-    """Path of a jemalloc shared library to ``LD_PRELOAD`` into a worker (Debian/Ubuntu:
-    ``apt install libjemalloc2``), or ``None``."""
+    """A jemalloc shared library to ``LD_PRELOAD`` into a worker (Debian/Ubuntu:
+    ``apt install libjemalloc2``): its path, else the soname the dynamic loader's cache knows
+    (``ctypes.util.find_library``; ``LD_PRELOAD`` resolves a bare soname the same way), or
+    ``None``."""
     import ctypes.util
 
     for path in JEMALLOC_PATHS:
         if os.path.exists(path):
             return path
-    name = ctypes.util.find_library("jemalloc")
-    return name if name and os.path.isabs(name) else None
+    return ctypes.util.find_library("jemalloc")
 
 
 def malloc_in_use() -> str:
