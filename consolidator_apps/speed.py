@@ -12,7 +12,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 MODEL_SIZES: Dict[str, Dict[str, int]] = {
     "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
@@ -115,29 +115,31 @@ def malloc_in_use() -> str:
 
 
 class RssPeak:
-    """Peak RSS while active, sampled by a thread (torch ops release the GIL)."""
+    """Peak RSS while active, sampled by a thread (torch ops release the GIL); ``sample``
+    another byte count to follow its peak the same way (e.g. malloc's in-use bytes)."""
 
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval, self.peak = interval, 0
+    def __init__(self, interval: float = 0.002,
+                 sample: Callable[[], int] = current_rss) -> None:
+        self.interval, self.sample, self.peak = interval, sample, 0
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
 
     def __enter__(self) -> "RssPeak":
         self._stop.clear()
-        self.peak = max(self.peak, current_rss())
+        self.peak = max(self.peak, self.sample())
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
         return self
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, current_rss())
+            self.peak = max(self.peak, self.sample())
             time.sleep(self.interval)
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, current_rss())
+        self.peak = max(self.peak, self.sample())
 
 
 def peak_tensor_bytes(fn, device) -> int:

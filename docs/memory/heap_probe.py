@@ -1,5 +1,5 @@
 """Peak RSS against what glibc's malloc holds in use, per training step of one bench
-configuration (ViT-B/16 random init, batch 8, 224², 2 threads), sampled every 2 ms by a thread:
+configuration (ViT-B/16 random init, batch 8, 224², 2 threads), sampled every 2 ms (``speed.RssPeak``):
 ``rss`` (above the start), malloc's ``in use`` (``mallinfo2``: ``uordblks + hblkhd``) and its
 ``heap`` (arenas + mmapped chunks, ``arena + hblkhd``), each the running peak after each step.
 When ``in use`` follows the tensors and ``heap`` follows RSS, the difference is freed memory
@@ -12,10 +12,9 @@ glibc's heap, not tensors" (a one-off script, not a test; glibc only)::
         PYTHONPATH=. python docs/memory/heap_probe.py consolidator_fast 6   # rss only
 """
 
+import contextlib
 import ctypes
 import sys
-import threading
-import time
 
 import torch
 
@@ -34,9 +33,13 @@ def main(name: str, steps: int) -> None:
     libc.mallinfo2.restype = _MallInfo2
     glibc = speed.malloc_in_use() == "glibc"
 
-    def heap():
+    def in_use() -> int:
         m = libc.mallinfo2()
-        return (m.uordblks + m.hblkhd, m.arena + m.hblkhd) if glibc else (0, 0)
+        return m.uordblks + m.hblkhd if glibc else 0
+
+    def held() -> int:
+        m = libc.mallinfo2()
+        return m.arena + m.hblkhd if glibc else 0
 
     model = speed.build_train_model(name, "base").train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -44,29 +47,18 @@ def main(name: str, steps: int) -> None:
     x = torch.randn(8, 3, 224, 224, generator=g)
     y = torch.randint(0, speed.NUM_LABELS, (8,), generator=g)
     speed.release_free_memory()
-    rss0, (use0, heap0) = speed.current_rss(), heap()
-    peak = {"rss": 0, "in use": 0, "heap": 0}
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            use, held = heap()
-            peak["rss"] = max(peak["rss"], speed.current_rss() - rss0)
-            peak["in use"] = max(peak["in use"], use - use0)
-            peak["heap"] = max(peak["heap"], held - heap0)
-            time.sleep(0.002)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    peaks = {"rss": speed.RssPeak(), "in use": speed.RssPeak(sample=in_use),
+             "heap": speed.RssPeak(sample=held)}
+    start = {k: p.sample() for k, p in peaks.items()}
     rows = []
     for _ in range(steps):
-        model(pixel_values=x, labels=y).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        time.sleep(0.01)  # one more sample after the step
-        rows.append({k: round(v / 2**20) for k, v in peak.items()})
-    stop.set()
-    sampler.join()
+        with contextlib.ExitStack() as stack:
+            for p in peaks.values():
+                stack.enter_context(p)
+            model(pixel_values=x, labels=y).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        rows.append({k: round((p.peak - start[k]) / 2**20) for k, p in peaks.items()})
     print(f"{name} on {speed.malloc_in_use()}: running peaks in MiB after each step")
     for i, r in enumerate(rows, 1):
         print(f"  step {i}: " + ", ".join(f"{k} {v}" for k, v in r.items()
