@@ -334,6 +334,10 @@ def grouped_forward_reference(
     return (per_row * weight).sum(-1)
 
 
+#: Input columns one batched block product reads per row at least (:func:`block_plan`).
+BLOCK_COLUMNS = 16
+
+
 class BlockPlan(NamedTuple):
     """How a branch's groups are batched for the block-structured (fast-path) products.
 
@@ -366,12 +370,14 @@ def block_plan(in_features: int, out_features: int, groups: int, *, row_offset: 
     lead = row_offset - first * rows
     trail = last * rows - (row_offset + out_features)
     n_groups = last - first
-    # c*min(rows, s) >= 8 floats makes every row of a batch read half a cache line instead of
-    # 2 floats of it (c times the FLOPs of the blocks, still far below a dense product, and
-    # much faster than one tiny matmul per group on CPU; 8 beat 4, 16 and 32 on the ViT-B/16
-    # shapes at groups=384).
+    # The smallest c with c*s >= BLOCK_COLUMNS: each row of a batch then reads a whole 64-byte
+    # line of the input (16 fp32, one AVX-512 register) and the matmuls' narrow side is that
+    # wide (c times the FLOPs of the blocks, still far below a dense product). Measured against
+    # every divisor c on the ViT-B/16 shapes at groups 48-384 (docs/block_plan/divisors.py,
+    # README "Block batching"): the fastest c for all 12, the weight gradient up to 4.6x
+    # faster than with the previous rule c*min(rows, s) >= 8 (q/k/v/o at groups 384).
     c = next((d for d in range(1, n_groups + 1)
-              if n_groups % d == 0 and d * min(rows, s) >= 8), n_groups)
+              if n_groups % d == 0 and d * s >= BLOCK_COLUMNS), n_groups)
     return BlockPlan(s, rows, first, last, lead, trail, c, n_groups // c)
 
 

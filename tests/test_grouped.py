@@ -113,3 +113,52 @@ def test_keep_masks_are_consecutive_keep_mask_draws(batch, branches):
     assert got.shape == (batch, branches) and got.dtype == torch.float32
     assert got.device.type == "cpu"
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("row_offset,out_f,vout", [(0, 24, 24), (5, 14, 36)],
+                         ids=["whole", "slice"])
+def test_block_products_equal_dense_for_every_batching(shuffle, row_offset, out_f, vout):
+    """The block products (forward, input gradient, weight gradient) equal the dense branch for
+    every batching ``c`` of the groups, not only the one :func:`grouped.block_plan` picks, so a
+    change of the picking rule cannot change a result: 12 groups, c in 1, 2, 3, 4, 6, 12; a row
+    slice of a virtual layer that starts and ends inside a group (lead and trail padding)."""
+    torch.manual_seed(0)
+    groups, in_f, n = 12, 24, 7
+    weight = torch.randn(out_f, in_f // groups, dtype=torch.float64)
+    x = torch.randn(n, in_f, dtype=torch.float64)
+    g = torch.randn(n, out_f, dtype=torch.float64)
+    dense = grouped.grouped_to_dense(weight, in_f, groups, shuffle, row_offset=row_offset,
+                                     virtual_out_features=vout)
+    plan = grouped.block_plan(in_f, out_f, groups, row_offset=row_offset,
+                              virtual_out_features=vout)
+    n_groups = plan.last - plan.first
+    batchings = [c for c in range(1, n_groups + 1) if n_groups % c == 0]
+    assert len(batchings) >= 3 and plan.c in batchings
+    for c in batchings:
+        p = plan._replace(c=c, batches=n_groups // c)
+        diagonal = grouped.block_diagonal(weight, p)
+        torch.testing.assert_close(grouped.forward_blocks(x, diagonal, out_f, p, groups, shuffle),
+                                   x @ dense.t(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grouped.input_grad_blocks(g, diagonal, in_f, p, shuffle),
+                                   g @ dense, rtol=1e-12, atol=1e-12)
+        want = grouped.dense_to_grouped(g.t() @ x, groups, shuffle, row_offset=row_offset,
+                                        virtual_out_features=vout)
+        torch.testing.assert_close(grouped.weight_grad_blocks(g, x, p, groups, shuffle, in_f),
+                                   want, rtol=1e-12, atol=1e-12)
+
+
+def test_block_plan_batches_groups_to_block_columns_inputs():
+    """``block_plan`` batches the fewest neighbouring groups whose input columns reach
+    ``BLOCK_COLUMNS`` (16: a 64-byte line of fp32 per row; measured fastest on every ViT-B/16
+    shape, docs/block_plan/divisors.py), or all of them when no divisor does."""
+    assert grouped.BLOCK_COLUMNS == 16
+    picked = {shape: grouped.block_plan(*shape, 384).c
+              for shape in ((768, 768), (768, 3072), (3072, 768))}  # (in, out): s = 2, 2, 8
+    assert picked == {(768, 768): 8, (768, 3072): 8, (3072, 768): 2}
+    assert grouped.block_plan(768, 768, 48).c == 1  # s = 16 already
+    assert grouped.block_plan(768, 768, 96).c == 2  # s = 8
+    plan = grouped.block_plan(12, 12, 4)  # s = 3, 4 groups: no divisor reaches 16
+    assert (plan.c, plan.batches) == (4, 1)
+    plan = grouped.block_plan(30, 30, 10)  # s = 3: 10 groups, divisors 1, 2, 5, 10 -> 10
+    assert (plan.c, plan.batches) == (10, 1)
