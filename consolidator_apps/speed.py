@@ -203,6 +203,22 @@ def sync(device) -> None:
         torch.cuda.synchronize()
 
 
+def paired_ratios(steps: List[float], floor_steps: List[float]) -> Dict[str, float]:
+    """Each repeat's step over the floor's step of the same repeat (the bench asks every worker
+    for one step per repeat, so a slow spell of the machine hits both): ``{"median", "q1",
+    "q3"}`` of those ratios. Beside the ratio of the medians, how far the spread of a noisy
+    machine reaches (the quartiles are the median itself below two repeats)."""
+    if len(steps) != len(floor_steps) or not steps:
+        raise ValueError(f"paired_ratios: {len(steps)} steps against {len(floor_steps)} floor "
+                         "steps; one step of each per repeat is needed")
+    ratios = [a / b for a, b in zip(steps, floor_steps)]
+    median = statistics.median(ratios)
+    if len(ratios) < 2:
+        return {"median": median, "q1": median, "q3": median}
+    q1, _, q3 = statistics.quantiles(ratios, n=4, method="inclusive")
+    return {"median": median, "q1": q1, "q3": q3}
+
+
 def median_time(fn, repeats: int, device) -> float:
     times = []
     for _ in range(repeats):

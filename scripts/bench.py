@@ -21,7 +21,9 @@ Training configurations (each in its own worker process, so peak memory is its o
 The workers stay alive while the main process asks each for one training step in turn
 (forward, backward, AdamW step), rotating the order every repeat, so a load spike on a shared
 machine hits every configuration alike; medians and ratios to the floor are reported, of the
-wall time and of the worker's CPU time (less sensitive to other processes on a shared machine). Peak
+wall time and of the worker's CPU time (less sensitive to other processes on a shared machine),
+and the median and quartiles of each repeat's step over the floor's step of the same repeat
+(``speed.paired_ratios``: how far the machine's noise reaches; the chart's error bars). Peak
 memory is the peak RSS of a worker during its steps minus its RSS before the first step
 (optimizer state and gradients included; sampled every 2 ms), or ``max_memory_allocated``
 minus the memory allocated before the first step on CUDA.
@@ -333,27 +335,35 @@ def run_training(args: argparse.Namespace, configs: List[str]) -> Dict[str, Dict
         res["saved_activation_ratio_to_floor"] = \
             res["saved_activation_bytes"] / floor["saved_activation_bytes"]
         res["page_faults_per_step"] = statistics.median(res["page_faults_all"])
+        res["paired_ratio_to_floor"] = speed.paired_ratios(res["step_s_all"], floor["step_s_all"])
     if "floor_compiled" in results:
         fc = results["floor_compiled"]
         for c, res in results.items():
             if c.endswith(COMPILED):
                 res["time_ratio_to_floor_compiled"] = res["step_s"] / fc["step_s"]
+                res["paired_ratio_to_floor_compiled"] = speed.paired_ratios(
+                    res["step_s_all"], fc["step_s_all"])
                 res["cpu_time_ratio_to_floor_compiled"] = res["step_cpu_s"] / fc["step_cpu_s"]
                 res["saved_activation_ratio_to_floor_compiled"] = \
                     res["saved_activation_bytes"] / fc["saved_activation_bytes"]
     return results
 
 
+def _spread(paired: Dict[str, float]) -> str:
+    return f"{paired['median']:.3f} [{paired['q1']:.3f}–{paired['q3']:.3f}]"
+
+
 def markdown_table(report: Dict[str, Any]) -> str:
-    lines = ["| configuration | trainable params | step time (s), median | × floor | fastest step × "
-             "floor | step CPU time × floor | peak train memory (MiB) | × floor | peak tensor "
+    lines = ["| configuration | trainable params | step time (s), median | × floor | per repeat × "
+             "floor, median [quartiles] | fastest step × floor | step CPU time × floor | peak train memory (MiB) | × floor | peak tensor "
              "memory in a step (MiB) | × floor | saved activations (MiB) | × floor | "
              "page faults / step |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
-             "| ---: |"]
+             "| ---: | ---: |"]
     for c, r in report["train"].items():
         lines.append(f"| {c} | {r['trainable_params']:,} | {r['step_s']:.3f} | "
-                     f"{r['time_ratio_to_floor']:.3f} | {r['min_time_ratio_to_floor']:.3f} | "
+                     f"{r['time_ratio_to_floor']:.3f} | {_spread(r['paired_ratio_to_floor'])} | "
+                     f"{r['min_time_ratio_to_floor']:.3f} | "
                      f"{r['cpu_time_ratio_to_floor']:.3f} | "
                      f"{r['peak_mem_bytes'] / 2**20:.0f} | {r['mem_ratio_to_floor']:.3f} | "
                      f"{r['peak_tensor_bytes'] / 2**20:.1f} | "
@@ -364,11 +374,13 @@ def markdown_table(report: Dict[str, Any]) -> str:
     compiled = {c: r for c, r in report["train"].items() if "time_ratio_to_floor_compiled" in r}
     if compiled:
         lines += ["", "| compiled configuration | compile (s) | step time (s) | × floor compiled | "
+                      "per repeat × floor compiled, median [quartiles] | "
                       "step CPU time × floor compiled | saved activations × floor compiled |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+                  "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
         for c, r in compiled.items():
             lines.append(f"| {c} | {r['compile_s']:.0f} | {r['step_s']:.3f} | "
                          f"{r['time_ratio_to_floor_compiled']:.3f} | "
+                         f"{_spread(r['paired_ratio_to_floor_compiled'])} | "
                          f"{r['cpu_time_ratio_to_floor_compiled']:.3f} | "
                          f"{r['saved_activation_ratio_to_floor_compiled']:.3f} |")
     inf = report["inference"]
@@ -420,6 +432,16 @@ def write_chart(report: Dict[str, Any], path: str) -> None:
         ax.set_title(title)
         for i, v in enumerate(vals):
             ax.text(i, v, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    # the machine's noise: median and quartiles of the per-repeat ratios beside the bars' ratio
+    # of the medians
+    spread = [train[n].get("paired_ratio_to_floor") for n in names]
+    if all(spread):
+        mid = [p["median"] for p in spread]
+        axes[0].errorbar(range(len(names)), mid, fmt="o", ms=3, color="k", capsize=4, lw=0.8,
+                         yerr=[[m - p["q1"] for m, p in zip(mid, spread)],
+                               [p["q3"] - m for m, p in zip(mid, spread)]])
+        axes[0].set_title("training step time / floor (dots: per repeat, median and quartiles)",
+                          fontsize=10)
     inf = report["inference"]["inference_s"]
     keys = ["plain", "merged", "unmerged"]
     axes[2].bar(keys, [inf[k] / inf["plain"] for k in keys], color=["grey", "C2", "C1"])

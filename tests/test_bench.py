@@ -51,6 +51,14 @@ def test_bench_tiny_writes_json_and_chart(tmp_path):
     assert report["args"]["allocator"] == "tuned"
     assert {r["malloc"] for r in train.values()} == {"glibc"}
     assert report["train"]["floor"]["time_ratio_to_floor"] == 1.0
+    # per-repeat ratios: this repeat's step over the floor's step of the same repeat
+    for r in train.values():
+        ratios = sorted(a / b for a, b in zip(r["step_s_all"], train["floor"]["step_s_all"]))
+        paired = r["paired_ratio_to_floor"]
+        assert paired["median"] == pytest.approx(sum(ratios) / 2)
+        assert paired["q1"] <= paired["median"] <= paired["q3"]
+    assert train["floor"]["paired_ratio_to_floor"] == {"median": 1.0, "q1": 1.0, "q3": 1.0}
+    assert "| per repeat × floor, median [quartiles] |" in proc.stdout
     # Branches add trainable parameters on top of the floor; both impls train the same set.
     fast, ref = report["train"]["consolidator_fast"], report["train"]["consolidator_reference"]
     assert fast["trainable_params"] == ref["trainable_params"] > \
@@ -165,3 +173,55 @@ def test_bench_jemalloc_allocator_preloads_it_or_says_what_is_missing(tmp_path, 
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "bench.json").read_text())
     assert report["train"]["floor"]["malloc"] == "jemalloc"
+
+
+def test_paired_ratios_are_per_repeat_ratios_to_the_floor():
+    """Each repeat's step over the floor's step of the same repeat: median and inclusive
+    quartiles; one repeat gives the ratio three times; mismatched lengths are refused."""
+    from consolidator_apps import speed
+
+    got = speed.paired_ratios([2.0, 3.0, 5.0, 4.0, 6.0], [1.0, 2.0, 5.0, 2.0, 4.0])
+    # ratios 2.0, 1.5, 1.0, 2.0, 1.5 -> sorted 1.0, 1.5, 1.5, 2.0, 2.0
+    assert got == {"median": 1.5, "q1": 1.5, "q3": 2.0}
+    assert speed.paired_ratios([3.0], [2.0]) == {"median": 1.5, "q1": 1.5, "q3": 1.5}
+    with pytest.raises(ValueError, match="2 steps against 3 floor steps"):
+        speed.paired_ratios([1.0, 2.0], [1.0, 2.0, 3.0])
+
+
+def test_bench_tables_the_compiled_rows_against_the_compiled_floor(tmp_path):
+    """The compiled table: each compiled row over ``floor_compiled`` (ratio of medians and the
+    per-repeat median and quartiles), from a report built here (compiling real workers takes
+    minutes); the chart is written with the quartile bars."""
+    bench = load_script("bench")
+    from consolidator_apps import speed
+
+    def row(steps, compile_s=None):
+        return {"trainable_params": 10, "step_s_all": steps, "step_s": sorted(steps)[1],
+                "time_ratio_to_floor": 1.0, "min_time_ratio_to_floor": 1.0,
+                "cpu_time_ratio_to_floor": 1.0, "peak_mem_bytes": 2**20, "mem_ratio_to_floor": 1.0,
+                "peak_tensor_bytes": 2**20, "tensor_mem_ratio_to_floor": 1.0,
+                "saved_activation_bytes": 2**20, "saved_activation_ratio_to_floor": 1.0,
+                "page_faults_per_step": 0, "compile_s": compile_s, "step_cpu_s": 1.0,
+                "paired_ratio_to_floor": speed.paired_ratios(steps, [1.0, 1.0, 1.0])}
+
+    fc, cc = row([1.0, 2.0, 1.0], 30), row([1.1, 2.4, 1.3], 50)
+    for r, floor_row in ((fc, fc), (cc, fc)):
+        r["time_ratio_to_floor_compiled"] = r["step_s"] / floor_row["step_s"]
+        r["paired_ratio_to_floor_compiled"] = speed.paired_ratios(r["step_s_all"],
+                                                                  floor_row["step_s_all"])
+        r["cpu_time_ratio_to_floor_compiled"] = r["saved_activation_ratio_to_floor_compiled"] = 1.0
+    report = {"train": {"floor": row([1.0, 1.0, 1.0]), "floor_compiled": fc,
+                        "consolidator_fast_compiled": cc},
+              "inference": {"inference_s": {"plain": 1.0, "merged": 1.0, "unmerged": 1.1},
+                            "layer_overhead_us": {"plain": 10.0, "fast": 30.0},
+                            "adapted_layers": 2, "merge_s": 0.1, "adapter_file_bytes": 100,
+                            "stored_params": 25, "merged_vs_unmerged_max_abs_logit_diff": 0.0},
+              "args": {"model_size": "tiny", "batch_size": 2},
+              "machine": {"device": "cpu", "threads": 1, "processor": "x86_64"}}
+    table = bench.markdown_table(report)
+    # medians 1.3 / 1.0; per repeat 1.1, 1.2, 1.3 -> median 1.2, quartiles 1.15 and 1.25
+    assert "| consolidator_fast_compiled | 50 | 1.300 | 1.300 | 1.200 [1.150–1.250] | 1.000 | " \
+           "1.000 |" in table
+    assert "| floor_compiled | 30 | 1.000 | 1.000 | 1.000 [1.000–1.000] |" in table
+    bench.write_chart(report, str(tmp_path / "bench.png"))
+    assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
