@@ -12,33 +12,28 @@ The measurement behind README's "Block batching" (a one-off script, not a test).
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 
-TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "33554432", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
+from consolidator_apps import speed
 
 
-def spawn(tree: str, worker: str, args: argparse.Namespace) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.path.abspath(tree), **TUNED_MALLOC_ENV)
-    cmd = [sys.executable, os.path.join(os.path.abspath(tree), "scripts", "bench.py"),
-           "--worker", worker, "--model-size", args.model_size, "--batch-size",
-           str(args.batch_size), "--repeats", str(args.repeats), "--threads", "2",
-           "--device", "cpu", "--warmup", "2", "--allocator", "tuned"]
-    return subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            bufsize=1, env=env, cwd=os.path.abspath(tree))
+def bench_of(tree: str):
+    """``scripts/bench.py`` of ``tree`` as a module: its ``_spawn`` starts that tree's workers."""
+    path = os.path.join(os.path.abspath(tree), "scripts", "bench.py")
+    spec = importlib.util.spec_from_file_location(f"bench_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def ask(proc: subprocess.Popen, cmd=None) -> dict:
-    if cmd is not None:
-        proc.stdin.write(cmd + "\n")
-        proc.stdin.flush()
-    line = proc.stdout.readline()
-    if not line:
-        raise RuntimeError(f"a worker exited (code {proc.wait()})")
-    return json.loads(line)
+def spawn(tree: str, worker: str, args: argparse.Namespace):
+    # the worker imports the package from its own tree (PYTHONPATH comes before the install)
+    os.environ["PYTHONPATH"] = os.path.abspath(tree)
+    return bench_of(tree)._spawn(args, worker)
 
 
 def main() -> None:
@@ -50,6 +45,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--compiled", action="store_true")
     args = ap.parse_args()
+    # what bench.py's _spawn reads besides these: its defaults
+    args.threads, args.device, args.warmup, args.allocator, args.bf16 = 2, "cpu", 2, "tuned", False
+    ask = bench_of(args.new)._ask
     suffixes = ["", "_compiled"] if args.compiled else [""]
     rows = {}
     for suffix in suffixes:
@@ -60,11 +58,11 @@ def main() -> None:
     steps = {name: [] for name in rows}
     try:
         for name, proc in procs.items():
-            ask(proc)
+            ask(proc, None, name)
         names = list(rows)
         for r in range(args.repeats):
             for name in names[r % len(names):] + names[:r % len(names)]:
-                steps[name].append(ask(procs[name], "step")["step_s"])
+                steps[name].append(ask(procs[name], "step", name)["step_s"])
             print(f"repeat {r + 1}/{args.repeats}: " + ", ".join(
                 f"{n} {steps[n][-1]:.3f}s" for n in names), file=sys.stderr, flush=True)
     finally:
@@ -73,18 +71,18 @@ def main() -> None:
                 proc.stdin.write("quit\n")
                 proc.stdin.flush()
                 proc.wait(timeout=60)
-            except (OSError, subprocess.TimeoutExpired):
+            except Exception:  # noqa: BLE001 - a worker that will not quit is killed
                 proc.kill()
     report = {}
     for name in rows:
         floor = "floor" + ("_compiled" if name.endswith("_compiled") else "")
-        paired = [a / b for a, b in zip(steps[name], steps[floor])]
+        paired = speed.paired_ratios(steps[name], steps[floor])
         report[name] = {"tree": rows[name][0], "worker": rows[name][1],
                         "median_s": statistics.median(steps[name]),
                         "x_floor": statistics.median(steps[name]) / statistics.median(steps[floor]),
-                        "median_paired_x_floor": statistics.median(paired), "steps_s": steps[name]}
+                        "paired_x_floor": paired, "steps_s": steps[name]}
         print(f"{name:14s} {report[name]['median_s']:.3f} s  x{floor}: "
-              f"{report[name]['x_floor']:.3f} (paired {report[name]['median_paired_x_floor']:.3f})")
+              f"{report[name]['x_floor']:.3f} (per repeat {paired['median']:.3f} [{paired['q1']:.3f}-{paired['q3']:.3f}])")
     print(json.dumps(report))
 
 
