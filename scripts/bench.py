@@ -355,9 +355,9 @@ def _spread(paired: Dict[str, float]) -> str:
 
 def markdown_table(report: Dict[str, Any]) -> str:
     lines = ["| configuration | trainable params | step time (s), median | × floor | per repeat × "
-             "floor, median [quartiles] | fastest step × floor | step CPU time × floor | peak train memory (MiB) | × floor | peak tensor "
-             "memory in a step (MiB) | × floor | saved activations (MiB) | × floor | "
-             "page faults / step |",
+             "floor, median [quartiles] | fastest step × floor | step CPU time × floor | "
+             "peak train memory (MiB) | × floor | peak tensor memory in a step (MiB) | × floor | "
+             "saved activations (MiB) | × floor | page faults / step |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
              "| ---: | ---: |"]
     for c, r in report["train"].items():
