@@ -12,6 +12,7 @@ The measurement behind README's "Block batching" (a one-off script, not a test).
 """
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -21,6 +22,7 @@ import sys
 from consolidator_apps import speed
 
 
+@functools.lru_cache(maxsize=None)  # loaded once per tree, not once per worker
 def bench_of(tree: str):
     """``scripts/bench.py`` of ``tree`` as a module: its ``_spawn`` starts that tree's workers."""
     path = os.path.join(os.path.abspath(tree), "scripts", "bench.py")
